@@ -1,0 +1,287 @@
+//! One client connection: the HTTP handshake, then the WebSocket session until it closes.
+//!
+//! The task reads into its core's shared read buffer and keeps bytes of its own only for a frame
+//! that arrived in part, so an idle connection holds no read buffer. Writes go through the
+//! connection's outbound queue, flushed by the core (see `core::Core::flush`).
+
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use slog::{debug, o, trace, Logger};
+use tungstenite::protocol::frame::coding::Control;
+
+use crate::codes::close;
+use crate::core::{CloseRequest, Conn, Core};
+use crate::http::{self, Request};
+use crate::session::{Reader, Step};
+use crate::ws;
+
+/// Time a client gets to send its handshake request.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time the node waits for its close frame to be written and for the client's close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Serves one accepted TCP connection until it closes.
+pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
+    let remote = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let _ = stream.set_nodelay(true);
+    let log = core.log.new(o!("remote_addr" => remote));
+
+    let handshake = glommio::timer::timeout(HANDSHAKE_TIMEOUT, async {
+        Ok(handshake(&core, &mut stream).await)
+    });
+    let leftover = match handshake.await {
+        Ok(Ok(Some(leftover))) => leftover,
+        Ok(Ok(None)) => return,
+        Ok(Err(error)) => {
+            trace!(log, "handshake failed"; "error" => %error);
+            return;
+        }
+        Err(_) => {
+            let response = http::response(408, "text/plain", "handshake timed out\n", "");
+            let _ = stream.write_all(&response).await;
+            return;
+        }
+    };
+
+    let Some(conn) = core.register(stream.as_raw_fd()) else {
+        let body = "node is at max_connections; retry later or connect to another node\n";
+        let response = http::response(503, "text/plain", body, "Retry-After: 1\r\n");
+        let _ = stream.write_all(&response).await;
+        return;
+    };
+    let log = log.new(o!("conn_id" => conn.id));
+    debug!(log, "connection opened");
+
+    let mut session = Session {
+        core: Rc::clone(&core),
+        conn: Rc::clone(&conn),
+        stream,
+        reader: Reader::new(leftover),
+    };
+    let ending = session.run(&log).await;
+    let (code, reason) = session.finish(ending, &log).await;
+    core.unregister(&conn);
+    debug!(log, "connection closed"; "reason" => reason, "close_code" => code);
+}
+
+/// Reads and answers the HTTP request; returns the bytes after an accepted upgrade's head, or
+/// `None` when the request was answered with plain HTTP.
+async fn handshake(core: &Core, stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            return Ok(None);
+        }
+        head.extend_from_slice(&chunk[..read]);
+        match http::parse(&head) {
+            Request::Incomplete => continue,
+            Request::Upgrade {
+                accept_key,
+                head_len,
+            } => {
+                if core.node.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+                    let response = http::response(503, "text/plain", "node shutting down\n", "Retry-After: 1\r\n");
+                    stream.write_all(&response).await?;
+                    return Ok(None);
+                }
+                stream.write_all(&http::upgrade_response(&accept_key)).await?;
+                head.drain(..head_len);
+                return Ok(Some(head));
+            }
+            Request::Health => {
+                let body = crate::health::report(core);
+                let response = http::response(200, "application/json", &body, "");
+                stream.write_all(&response).await?;
+                return Ok(None);
+            }
+            Request::Reject { status, reason } => {
+                let body = format!("{reason}\n");
+                stream.write_all(&http::response(status, "text/plain", &body, "")).await?;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// How a session ended.
+enum Ending {
+    /// The client closed the TCP connection.
+    Eof,
+    /// The socket failed.
+    Io(io::Error),
+    /// A close was requested, by the core or by a frame from the client.
+    Close(CloseRequest),
+    /// The client sent a close frame, which the node echoes.
+    ClientClose(Option<u16>),
+}
+
+enum Event {
+    Read(usize),
+    Eof,
+    Failed(io::Error),
+    CloseRequested(CloseRequest),
+}
+
+struct Session {
+    core: Rc<Core>,
+    conn: Rc<Conn>,
+    stream: TcpStream,
+    reader: Reader,
+}
+
+impl Session {
+    async fn run(&mut self, log: &Logger) -> Ending {
+        // Bytes that arrived with the handshake are frames already.
+        if !self.reader.is_empty() {
+            if let Some(ending) = self.process(0, log) {
+                return ending;
+            }
+        }
+        loop {
+            let event = poll_fn(|cx| self.poll_event(cx)).await;
+            match event {
+                Event::Read(len) => {
+                    self.conn.touch();
+                    if let Some(ending) = self.process(len, log) {
+                        return ending;
+                    }
+                }
+                Event::Eof => return Ending::Eof,
+                Event::Failed(error) => return Ending::Io(error),
+                Event::CloseRequested(request) => return Ending::Close(request),
+            }
+            glommio::yield_if_needed().await;
+        }
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        self.conn.register_waker(cx.waker());
+        if let Some(request) = self.conn.close_request() {
+            return Poll::Ready(Event::CloseRequested(request));
+        }
+        if let Poll::Ready(Err(error)) = self.poll_blocked_write(cx) {
+            return Poll::Ready(Event::Failed(error));
+        }
+        let mut scratch = self.core.scratch.borrow_mut();
+        match Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Event::Eof),
+            Poll::Ready(Ok(len)) => Poll::Ready(Event::Read(len)),
+            Poll::Ready(Err(error)) => Poll::Ready(Event::Failed(error)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// While the socket's send buffer is full, waits for it to drain through glommio, then
+    /// hands the rest of the queue back to the core's flush.
+    fn poll_blocked_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.conn.write_blocked.get() {
+            let written = {
+                let out = self.conn.out.borrow();
+                let Some(head) = out.head() else {
+                    self.conn.write_blocked.set(false);
+                    break;
+                };
+                match Pin::new(&mut self.stream).poll_write(cx, head) {
+                    Poll::Ready(Ok(written)) => written,
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            };
+            self.conn.out.borrow_mut().consume(written);
+            self.conn.write_blocked.set(false);
+            self.core.flush(&self.conn);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Handles the `len` bytes just read into the core's read buffer.
+    fn process(&mut self, len: usize, log: &Logger) -> Option<Ending> {
+        let mut scratch = self.core.scratch.borrow_mut();
+        let step = self.reader.feed(&mut scratch[..len], &self.core, &self.conn, log);
+        drop(scratch);
+        self.core.flush(&self.conn);
+        match step {
+            Step::Continue => None,
+            Step::Close(error) => Some(Ending::Close(CloseRequest {
+                code: Some(error.close_code()),
+                reason: error.reason(),
+            })),
+            Step::ClientClose(code) => Some(Ending::ClientClose(code)),
+        }
+    }
+
+    /// Sends the close frame the ending calls for and lets the client close first, within
+    /// bounded time. Returns the close code and reason for the log.
+    async fn finish(&mut self, ending: Ending, log: &Logger) -> (Option<u16>, &'static str) {
+        let (code, reason, echo) = match ending {
+            Ending::Eof => return (None, "client disconnected"),
+            Ending::Io(error) => {
+                debug!(log, "socket failed"; "error" => %error);
+                return (None, "socket error");
+            }
+            Ending::Close(CloseRequest { code: None, reason }) => return (None, reason),
+            Ending::Close(CloseRequest {
+                code: Some(code),
+                reason,
+            }) => (code, reason, false),
+            Ending::ClientClose(code) => (code.unwrap_or(close::NORMAL), "client closed", true),
+        };
+
+        if code == close::SLOW_CONSUMER {
+            self.conn.out.borrow_mut().discard_unsent();
+        }
+        let frame = if echo {
+            ws::encode_control(Control::Close, &code.to_be_bytes())
+        } else {
+            ws::encode_close(code, reason)
+        };
+        self.core.enqueue_control(&self.conn, Rc::from(frame));
+        self.core.flush(&self.conn);
+
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
+        let _ = glommio::timer::timeout(CLOSE_TIMEOUT, async {
+            self.drain_queue().await;
+            if !echo {
+                // RFC 6455 7.1.1: the server closes TCP after the close handshake; give the
+                // client a moment to answer, reading and discarding what it still sends.
+                let _ = self.stream.shutdown(std::net::Shutdown::Write).await;
+                let mut sink = [0u8; 512];
+                while Instant::now() < deadline {
+                    match self.stream.read(&mut sink).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+        (Some(code), reason)
+    }
+
+    /// Writes the rest of the outbound queue, waiting on the socket as needed.
+    async fn drain_queue(&mut self) {
+        // The core's flush must leave the queue alone while this task writes it.
+        self.conn.write_blocked.set(true);
+        loop {
+            let Some(head) = self.conn.out.borrow().head().map(<[u8]>::to_vec) else {
+                return;
+            };
+            match poll_fn(|cx| Pin::new(&mut self.stream).poll_write(cx, &head)).await {
+                Ok(written) => self.conn.out.borrow_mut().consume(written),
+                Err(_) => return,
+            }
+        }
+    }
+}

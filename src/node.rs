@@ -1,0 +1,167 @@
+//! Starting and stopping a node: one pinned glommio executor per worker core, the signal
+//! handler, and the wait for every core to drain.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use slog::{info, Logger};
+use thiserror::Error;
+
+use crate::bus::{self, CoreMessage, CoreReceiver};
+use crate::config::Config;
+use crate::core::{Core, NodeShared};
+use crate::link::{ClusterLink, LocalLink};
+
+/// Locked memory each core's executor registers for its I/O buffers, in bytes. The node does no
+/// file I/O, so it keeps this far below glommio's 10 MiB default and the usual 8 MiB memlock limit.
+const IO_MEMORY: usize = 256 * 1024;
+
+/// A failure that stops the node from starting.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// io_uring or its locked memory is unavailable.
+    #[error(
+        "cannot start the io_uring runtime for core {core}: {cause}. NexusNode needs io_uring \
+         (Linux 5.8 or later, not blocked by seccomp: Docker 25 and later block it by default, so \
+         run the container with the seccomp profile in deploy/seccomp-io-uring.json) and some \
+         locked memory (raise `ulimit -l` to at least 8 MiB, or set memlock in the compose file)"
+    )]
+    Runtime {
+        /// The core whose executor failed.
+        core: usize,
+        /// glommio's error.
+        cause: String,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {cause}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The socket error.
+        cause: String,
+    },
+    /// The signal handler could not be installed.
+    #[error("cannot install the SIGINT/SIGTERM handler: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs a node until SIGINT or SIGTERM, then drains it and returns.
+pub fn run(config: Config, log: Logger) -> Result<(), NodeError> {
+    let link: Arc<dyn ClusterLink> = Arc::new(LocalLink);
+    run_with_link(config, link, log)
+}
+
+/// Runs a node with the given cluster link until SIGINT or SIGTERM.
+pub fn run_with_link(config: Config, link: Arc<dyn ClusterLink>, log: Logger) -> Result<(), NodeError> {
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.cores).map(|_| bus::inbox()).unzip();
+    let node = Arc::new(NodeShared {
+        config,
+        cores: senders,
+        connections: AtomicUsize::new(0),
+        shutting_down: AtomicBool::new(false),
+        link,
+        started: Instant::now(),
+    });
+    install_signal_handler(&node, &log)?;
+
+    let cpus: Vec<usize> = core_affinity::get_core_ids()
+        .map(|ids| ids.into_iter().map(|id| id.id).collect())
+        .unwrap_or_default();
+    let mut listen = node.config.listen;
+    let mut handles = Vec::with_capacity(receivers.len());
+    for (id, receiver) in receivers.into_iter().enumerate() {
+        let cpu = cpus.get(id % cpus.len().max(1)).copied();
+        let (handle, bound) = start_core(id, cpu, listen, receiver, &node, &log)?;
+        // Core 0 resolves port 0; the others bind the same port with SO_REUSEPORT.
+        listen = bound;
+        handles.push(handle);
+    }
+    info!(log, "node started";
+        "listen" => %listen, "cores" => node.cores.len(), "node_id" => &node.config.node_id,
+        "max_connections" => node.config.max_connections,
+        "max_message_size" => node.config.max_message_size,
+        "ping_interval_ms" => node.config.ping_interval.as_millis() as u64,
+        "pong_timeout_ms" => node.config.pong_timeout.as_millis() as u64,
+        "link" => ?node.link.health());
+
+    for (id, handle) in handles.into_iter().enumerate() {
+        if let Err(error) = handle.join() {
+            slog::error!(log, "core failed"; "core" => id, "error" => %error);
+        }
+    }
+    info!(log, "node stopped"; "node_id" => &node.config.node_id);
+    Ok(())
+}
+
+type CoreHandle = glommio::ExecutorJoinHandle<()>;
+
+fn start_core(
+    id: usize,
+    cpu: Option<usize>,
+    listen: SocketAddr,
+    receiver: CoreReceiver,
+    node: &Arc<NodeShared>,
+    log: &Logger,
+) -> Result<(CoreHandle, SocketAddr), NodeError> {
+    let placement = cpu.map_or(Placement::Unbound, Placement::Fixed);
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let node = Arc::clone(node);
+    let log = log.clone();
+    let handle = LocalExecutorBuilder::new(placement)
+        .name(&format!("nexus-core-{id}"))
+        .io_memory(IO_MEMORY)
+        .spawn(move || async move {
+            let listener = match TcpListener::bind(listen) {
+                Ok(listener) => listener,
+                Err(error) => {
+                    let _ = ready_tx.send(Err(error.to_string()));
+                    return;
+                }
+            };
+            let bound = listener.local_addr().unwrap_or(listen);
+            let _ = ready_tx.send(Ok(bound));
+            Core::new(id, node, &log).run(listener, receiver).await;
+        })
+        .map_err(|error| NodeError::Runtime {
+            core: id,
+            cause: error.to_string(),
+        })?;
+
+    match ready_rx.recv() {
+        Ok(Ok(bound)) => Ok((handle, bound)),
+        Ok(Err(cause)) => Err(NodeError::Bind { addr: listen, cause }),
+        // The executor thread ended before running the core: its runtime failed to start.
+        Err(_) => {
+            let cause = match handle.join() {
+                Err(error) => error.to_string(),
+                Ok(()) => "executor stopped at start".to_owned(),
+            };
+            Err(NodeError::Runtime { core: id, cause })
+        }
+    }
+}
+
+fn install_signal_handler(node: &Arc<NodeShared>, log: &Logger) -> Result<(), NodeError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(NodeError::Signals)?;
+    let node = Arc::clone(node);
+    let log = log.clone();
+    std::thread::Builder::new()
+        .name("nexus-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                info!(log, "shutdown started"; "signal" => signal,
+                    "drain_timeout_ms" => node.config.drain_timeout.as_millis() as u64);
+                node.shutting_down.store(true, Ordering::Relaxed);
+                for core in &node.cores {
+                    core.send(CoreMessage::Shutdown);
+                }
+            }
+        })
+        .map_err(NodeError::Signals)?;
+    Ok(())
+}

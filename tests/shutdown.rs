@@ -1,0 +1,109 @@
+//! Graceful shutdown: on SIGTERM or SIGINT the node stops accepting, closes every client with
+//! 1001 "node shutting down", waits at most `--drain-timeout` for them, logs "node stopped" and
+//! exits with status 0.
+
+mod common;
+
+use common::client::Client;
+use common::raw::RawClient;
+use common::{connect_on_every_core, Node};
+use std::time::{Duration, Instant};
+use tungstenite::protocol::frame::coding::CloseCode;
+
+/// Slack on top of the drain timeout for the node to finish exiting (debug build, busy machine).
+const EXIT_SLACK: Duration = Duration::from_millis(2500);
+
+fn assert_stops_cleanly(signal: i32) {
+    let mut node = Node::start_with(&[("--drain-timeout", "3s")]);
+    let mut clients = connect_on_every_core(&node, 2);
+    for placed in &mut clients {
+        placed.client.subscribe("shutdown");
+    }
+
+    let signalled_at = Instant::now();
+    node.signal(signal);
+    for placed in &mut clients {
+        let frame = placed.client.expect_close(common::EVENT_TIMEOUT);
+        let frame = frame.unwrap_or_else(|| panic!("close frame without a code"));
+        assert_eq!(frame.code, CloseCode::Away, "client on core {}", placed.conn.core);
+        assert_eq!(frame.reason.as_str(), "node shutting down");
+    }
+    let status = node.wait_exit(Duration::from_secs(3) + EXIT_SLACK);
+    let elapsed = signalled_at.elapsed();
+    assert_eq!(status.code(), Some(0), "exit status {status}\n{}", node.diagnostics());
+    node.wait_for_log("\"node stopped\"", common::EVENT_TIMEOUT, |l| {
+        l["msg"] == "node stopped"
+    });
+    // Every client answered the close at once, so the node need not wait for the drain timeout.
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "cooperative clients, yet the node exited {elapsed:?} after the signal"
+    );
+}
+
+#[test]
+fn sigterm_closes_clients_with_1001() {
+    assert_stops_cleanly(libc::SIGTERM);
+}
+
+#[test]
+fn sigint_closes_clients_with_1001() {
+    assert_stops_cleanly(libc::SIGINT);
+}
+
+#[test]
+fn unresponsive_client_bounded_by_drain_timeout() {
+    let mut node = Node::start_with(&[("--drain-timeout", "2s")]);
+    // The raw client reads the close frame but never answers it.
+    let mut raw = RawClient::connect(node.addr);
+    let signalled_at = Instant::now();
+    node.signal(libc::SIGTERM);
+    let frame = raw.read_close();
+    assert_eq!(frame.close_code(), Some(1001), "{}", raw.transcript());
+    assert_eq!(&frame.payload[2..], b"node shutting down", "{}", raw.transcript());
+
+    let status = node.wait_exit(Duration::from_secs(2) + EXIT_SLACK);
+    let elapsed = signalled_at.elapsed();
+    assert_eq!(status.code(), Some(0), "exit status {status}\n{}", node.diagnostics());
+    assert!(
+        elapsed <= Duration::from_secs(2) + EXIT_SLACK,
+        "exited {elapsed:?} after SIGTERM with a 2 s drain timeout"
+    );
+    node.wait_for_log("\"node stopped\"", common::EVENT_TIMEOUT, |l| {
+        l["msg"] == "node stopped"
+    });
+}
+
+#[test]
+fn no_new_connections_while_draining() {
+    let mut node = Node::start_with(&[("--drain-timeout", "3s")]);
+    // A silent client keeps the node draining for the whole drain timeout.
+    let mut raw = RawClient::connect(node.addr);
+    node.signal(libc::SIGTERM);
+    raw.read_close();
+
+    let attempt = Client::try_connect(node.addr, "/", Duration::from_secs(2));
+    assert!(
+        attempt.is_err(),
+        "a handshake succeeded after the close frames of the shutdown"
+    );
+    let status = node.wait_exit(Duration::from_secs(3) + EXIT_SLACK);
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+}
+
+#[test]
+fn idle_node_exits_on_sigterm() {
+    let mut node = Node::start();
+    let signalled_at = Instant::now();
+    node.signal(libc::SIGTERM);
+    let status = node.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "exit status {status}\n{}", node.diagnostics());
+    assert!(
+        signalled_at.elapsed() < Duration::from_secs(3),
+        "idle node took {:?} to exit",
+        signalled_at.elapsed()
+    );
+    node.wait_for_log("\"node stopped\"", common::EVENT_TIMEOUT, |l| {
+        l["msg"] == "node stopped"
+    });
+}
