@@ -13,7 +13,11 @@ use thiserror::Error;
 /// same name (with underscores) in the `--config` file; a flag wins over the variable, which wins
 /// over the file.
 #[derive(Debug, Default, Parser)]
-#[command(name = "nexus-node", version, about = "A thread-per-core WebSocket pub/sub broker")]
+#[command(
+    name = "nexus-node",
+    version,
+    about = "A thread-per-core WebSocket pub/sub broker"
+)]
 pub struct Args {
     /// TOML file with settings; keys are the long flag names with underscores.
     #[arg(long, env = "NEXUS_CONFIG", value_name = "FILE")]
@@ -174,18 +178,44 @@ impl Config {
                 .or(file.listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3001))),
             cores: args.cores.or(file.cores).unwrap_or(default_cores),
-            max_message_size: args.max_message_size.or(file.max_message_size).unwrap_or(65_536),
-            max_subscriptions: args.max_subscriptions.or(file.max_subscriptions).unwrap_or(1024),
-            max_connections: args.max_connections.or(file.max_connections).unwrap_or(100_000),
-            max_topic_length: args.max_topic_length.or(file.max_topic_length).unwrap_or(255),
+            max_message_size: args
+                .max_message_size
+                .or(file.max_message_size)
+                .unwrap_or(65_536),
+            max_subscriptions: args
+                .max_subscriptions
+                .or(file.max_subscriptions)
+                .unwrap_or(1024),
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(100_000),
+            max_topic_length: args
+                .max_topic_length
+                .or(file.max_topic_length)
+                .unwrap_or(255),
             max_outbound_queue: args
                 .max_outbound_queue
                 .or(file.max_outbound_queue)
                 .unwrap_or(1 << 20),
-            ping_interval: args.ping_interval.or(file.ping_interval).unwrap_or(Duration::from_secs(25)),
-            pong_timeout: args.pong_timeout.or(file.pong_timeout).unwrap_or(Duration::from_secs(10)),
-            drain_timeout: args.drain_timeout.or(file.drain_timeout).unwrap_or(Duration::from_secs(5)),
-            log_level: parse_level(args.log_level.or(file.log_level).as_deref().unwrap_or("info"))?,
+            ping_interval: args
+                .ping_interval
+                .or(file.ping_interval)
+                .unwrap_or(Duration::from_secs(25)),
+            pong_timeout: args
+                .pong_timeout
+                .or(file.pong_timeout)
+                .unwrap_or(Duration::from_secs(10)),
+            drain_timeout: args
+                .drain_timeout
+                .or(file.drain_timeout)
+                .unwrap_or(Duration::from_secs(5)),
+            log_level: parse_level(
+                args.log_level
+                    .or(file.log_level)
+                    .as_deref()
+                    .unwrap_or("info"),
+            )?,
             node_id: args.node_id.or(file.node_id).unwrap_or_else(random_node_id),
             redis_url,
         };
@@ -195,10 +225,34 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         check(self.cores, 1, 1024, "cores", "must be between 1 and 1024")?;
-        check(self.max_message_size, 64, 64 << 20, "max_message_size", "must be between 64 bytes and 64 MiB")?;
-        check(self.max_subscriptions, 1, 1 << 20, "max_subscriptions", "must be between 1 and 1048576")?;
-        check(self.max_connections, 1, 10_000_000, "max_connections", "must be between 1 and 10000000")?;
-        check(self.max_topic_length, 1, TOPIC_LENGTH_CEILING, "max_topic_length", "must be between 1 and 1024")?;
+        check(
+            self.max_message_size,
+            64,
+            64 << 20,
+            "max_message_size",
+            "must be between 64 bytes and 64 MiB",
+        )?;
+        check(
+            self.max_subscriptions,
+            1,
+            1 << 20,
+            "max_subscriptions",
+            "must be between 1 and 1048576",
+        )?;
+        check(
+            self.max_connections,
+            1,
+            10_000_000,
+            "max_connections",
+            "must be between 1 and 10000000",
+        )?;
+        check(
+            self.max_topic_length,
+            1,
+            TOPIC_LENGTH_CEILING,
+            "max_topic_length",
+            "must be between 1 and 1024",
+        )?;
         // A queue must hold at least one largest message, or every such delivery would be lost.
         if self.max_outbound_queue < self.max_message_size + 512 {
             return Err(invalid(
@@ -216,14 +270,27 @@ impl Config {
                 return Err(invalid(name, shown, "must be at least 10ms"));
             }
         }
-        if self.node_id.is_empty() || self.node_id.len() > 64 || self.node_id.contains(char::is_whitespace) {
-            return Err(invalid("node_id", &self.node_id, "must be 1 to 64 characters without spaces"));
+        if self.node_id.is_empty()
+            || self.node_id.len() > 64
+            || self.node_id.contains(char::is_whitespace)
+        {
+            return Err(invalid(
+                "node_id",
+                &self.node_id,
+                "must be 1 to 64 characters without spaces",
+            ));
         }
         Ok(())
     }
 }
 
-fn check(value: usize, min: usize, max: usize, name: &'static str, expected: &'static str) -> Result<(), ConfigError> {
+fn check(
+    value: usize,
+    min: usize,
+    max: usize,
+    name: &'static str,
+    expected: &'static str,
+) -> Result<(), ConfigError> {
     if value < min || value > max {
         return Err(invalid(name, value, expected));
     }
@@ -262,7 +329,11 @@ fn parse_level(text: &str) -> Result<slog::Level, ConfigError> {
         "info" => Ok(slog::Level::Info),
         "warn" | "warning" => Ok(slog::Level::Warning),
         "error" => Ok(slog::Level::Error),
-        _ => Err(invalid("log_level", text, "must be trace, debug, info, warn or error")),
+        _ => Err(invalid(
+            "log_level",
+            text,
+            "must be trace, debug, info, warn or error",
+        )),
     }
 }
 
@@ -275,7 +346,9 @@ where
     D: serde::Deserializer<'de>,
 {
     let text = String::deserialize(deserializer)?;
-    parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
+    parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 fn random_node_id() -> String {
@@ -322,7 +395,11 @@ mod tests {
     #[test]
     fn file_values_apply_below_flags() {
         let path = std::env::temp_dir().join(format!("nexus-config-{}.toml", std::process::id()));
-        std::fs::write(&path, "max_subscriptions = 7\nping_interval = \"2s\"\ncores = 3\n").unwrap();
+        std::fs::write(
+            &path,
+            "max_subscriptions = 7\nping_interval = \"2s\"\ncores = 3\n",
+        )
+        .unwrap();
         let file = path.to_str().unwrap();
         let config = config(&["--config", file, "--cores", "2"]).unwrap();
         std::fs::remove_file(&path).unwrap();

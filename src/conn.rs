@@ -31,7 +31,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted TCP connection until it closes.
 pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
-    let remote = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let remote = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let _ = stream.set_nodelay(true);
     let log = core.log.new(o!("remote_addr" => remote));
 
@@ -76,8 +79,10 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
 /// Reads and answers the HTTP request; returns the bytes after an accepted upgrade's head, or
 /// `None` when the request was answered with plain HTTP.
 async fn handshake(core: &Core, stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    // Both buffers live on the heap and are freed after the handshake, so that the connection's
+    // long-lived task state stays small.
     let mut head = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
+    let mut chunk = vec![0u8; 1024];
     loop {
         let read = stream.read(&mut chunk).await?;
         if read == 0 {
@@ -90,12 +95,23 @@ async fn handshake(core: &Core, stream: &mut TcpStream) -> io::Result<Option<Vec
                 accept_key,
                 head_len,
             } => {
-                if core.node.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
-                    let response = http::response(503, "text/plain", "node shutting down\n", "Retry-After: 1\r\n");
+                if core
+                    .node
+                    .shutting_down
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    let response = http::response(
+                        503,
+                        "text/plain",
+                        "node shutting down\n",
+                        "Retry-After: 1\r\n",
+                    );
                     stream.write_all(&response).await?;
                     return Ok(None);
                 }
-                stream.write_all(&http::upgrade_response(&accept_key)).await?;
+                stream
+                    .write_all(&http::upgrade_response(&accept_key))
+                    .await?;
                 head.drain(..head_len);
                 return Ok(Some(head));
             }
@@ -107,7 +123,9 @@ async fn handshake(core: &Core, stream: &mut TcpStream) -> io::Result<Option<Vec
             }
             Request::Reject { status, reason } => {
                 let body = format!("{reason}\n");
-                stream.write_all(&http::response(status, "text/plain", &body, "")).await?;
+                stream
+                    .write_all(&http::response(status, "text/plain", &body, ""))
+                    .await?;
                 return Ok(None);
             }
         }
@@ -208,7 +226,9 @@ impl Session {
     /// Handles the `len` bytes just read into the core's read buffer.
     fn process(&mut self, len: usize, log: &Logger) -> Option<Ending> {
         let mut scratch = self.core.scratch.borrow_mut();
-        let step = self.reader.feed(&mut scratch[..len], &self.core, &self.conn, log);
+        let step = self
+            .reader
+            .feed(&mut scratch[..len], &self.core, &self.conn, log);
         drop(scratch);
         self.core.flush(&self.conn);
         match step {

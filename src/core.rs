@@ -20,7 +20,7 @@ use slog::{debug, info, o, warn, Logger};
 use crate::bus::{CoreMessage, CoreReceiver, CoreSender, Publication};
 use crate::codes::close;
 use crate::config::Config;
-use crate::link::{ClusterLink, LinkDown};
+use crate::link::{ClusterLink, LinkDown, LinkHealth};
 use crate::logging::RepeatCounter;
 use crate::outbound::{Outbound, Push};
 use crate::topic::{Insertion, Removal, SubscriptionIndex};
@@ -152,7 +152,8 @@ pub struct Core {
 impl Core {
     /// Creates the state of core `id`.
     pub fn new(id: usize, node: Arc<NodeShared>, log: &Logger) -> Rc<Core> {
-        let ping = crate::ws::encode_control(tungstenite::protocol::frame::coding::Control::Ping, b"");
+        let ping =
+            crate::ws::encode_control(tungstenite::protocol::frame::coding::Control::Ping, b"");
         Rc::new(Core {
             id,
             log: log.new(o!("core" => id)),
@@ -295,22 +296,28 @@ impl Core {
 
     /// Publishes a message from a client of this core to every subscriber in the node and the
     /// cluster. `frame` is the encoded delivery.
+    ///
+    /// Subscribers on this node get the message even when the cluster link is down; the error
+    /// then tells the publisher that other nodes did not.
     pub fn publish(&self, topic: &str, frame: Vec<u8>) -> Result<(), LinkDown> {
-        let shared = self.node.cores.len() > 1 || self.node.link.health() != crate::link::LinkHealth::Standalone;
-        if shared {
+        let mut result = Ok(());
+        let clustered = self.node.link.health() != LinkHealth::Standalone;
+        if self.node.cores.len() > 1 || clustered {
             let publication = Arc::new(Publication {
                 topic: topic.into(),
                 frame: frame.clone().into_boxed_slice(),
             });
-            self.node.link.publish(&publication)?;
             for (id, core) in self.node.cores.iter().enumerate() {
                 if id != self.id {
                     core.send(CoreMessage::Deliver(Arc::clone(&publication)));
                 }
             }
+            if clustered {
+                result = self.node.link.publish(&publication);
+            }
         }
         self.deliver_local(topic, Rc::from(frame));
-        Ok(())
+        result
     }
 
     fn deliver_remote(&self, publication: &Publication) {
@@ -359,8 +366,8 @@ impl Core {
     fn mark_dirty(&self, conn: &Rc<Conn>) {
         if !conn.dirty.replace(true) {
             self.dirty.borrow_mut().push(Rc::clone(conn));
-            if let Some(waker) = self.flusher.borrow().as_ref() {
-                waker.wake_by_ref();
+            if let Some(waker) = self.flusher.borrow_mut().take() {
+                waker.wake();
             }
         }
     }
@@ -400,7 +407,11 @@ impl Core {
                 conn.wake_task();
             }
             Err(error) => {
-                if let Some(suppressed) = self.write_errors.borrow_mut().record(Duration::from_secs(10)) {
+                if let Some(suppressed) = self
+                    .write_errors
+                    .borrow_mut()
+                    .record(Duration::from_secs(10))
+                {
                     debug!(self.log, "write failed"; "conn_id" => conn.id, "error" => %error, "suppressed" => suppressed);
                 }
                 conn.request_close(CloseRequest {
@@ -419,7 +430,12 @@ impl Core {
         loop {
             glommio::timer::sleep(tick).await;
             let now = Instant::now();
-            let conns: Vec<Rc<Conn>> = self.conns.borrow().iter().map(|(_, c)| Rc::clone(c)).collect();
+            let conns: Vec<Rc<Conn>> = self
+                .conns
+                .borrow()
+                .iter()
+                .map(|(_, c)| Rc::clone(c))
+                .collect();
             for conn in conns {
                 self.check_heartbeat(&conn, now);
             }
@@ -467,6 +483,9 @@ impl Core {
 
     /// Returns this core's open connection count and subscription pattern count.
     pub fn counts(&self) -> (usize, usize) {
-        (self.conns.borrow().len(), self.index.borrow().pattern_count())
+        (
+            self.conns.borrow().len(),
+            self.index.borrow().pattern_count(),
+        )
     }
 }

@@ -32,7 +32,9 @@ pub fn parse(buf: &[u8]) -> Request {
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_HEAD => return Request::Incomplete,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_HEAD => {
+            return Request::Incomplete
+        }
         Ok(httparse::Status::Partial) => return reject(431, "request head too large"),
         Err(httparse::Error::TooManyHeaders) => return reject(431, "too many headers"),
         Err(_) => return reject(400, "malformed HTTP request"),
@@ -62,7 +64,10 @@ pub fn parse(buf: &[u8]) -> Request {
         if path == "/health" {
             return Request::Health;
         }
-        return reject(404, "not found; connect with a WebSocket upgrade or GET /health");
+        return reject(
+            404,
+            "not found; connect with a WebSocket upgrade or GET /health",
+        );
     }
     if !has_token("connection", "upgrade") {
         return reject(400, "Connection header must contain Upgrade");
@@ -144,7 +149,10 @@ mod tests {
             ("GET / HTTP/1.1\r\n\r\n", 404),
             ("POST / HTTP/1.1\r\n\r\n", 405),
             ("GARBAGE\r\n\r\n", 400),
-            ("GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", 426),
+            (
+                "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                426,
+            ),
         ];
         for (text, status) in cases {
             assert!(

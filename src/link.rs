@@ -45,6 +45,10 @@ pub trait ClusterLink: Send + Sync {
 
     /// Returns the link's current state.
     fn health(&self) -> LinkHealth;
+
+    /// Leaves the cluster: drops every subscription and deregisters the node. Called once, after
+    /// every core has drained its clients.
+    fn shutdown(&self) {}
 }
 
 /// The link of a single node, which has no other nodes to reach.

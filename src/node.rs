@@ -56,7 +56,11 @@ pub fn run(config: Config, log: Logger) -> Result<(), NodeError> {
 }
 
 /// Runs a node with the given cluster link until SIGINT or SIGTERM.
-pub fn run_with_link(config: Config, link: Arc<dyn ClusterLink>, log: Logger) -> Result<(), NodeError> {
+pub fn run_with_link(
+    config: Config,
+    link: Arc<dyn ClusterLink>,
+    log: Logger,
+) -> Result<(), NodeError> {
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.cores).map(|_| bus::inbox()).unzip();
     let node = Arc::new(NodeShared {
         config,
@@ -93,6 +97,7 @@ pub fn run_with_link(config: Config, link: Arc<dyn ClusterLink>, log: Logger) ->
             slog::error!(log, "core failed"; "core" => id, "error" => %error);
         }
     }
+    node.link.shutdown();
     info!(log, "node stopped"; "node_id" => &node.config.node_id);
     Ok(())
 }
@@ -133,7 +138,10 @@ fn start_core(
 
     match ready_rx.recv() {
         Ok(Ok(bound)) => Ok((handle, bound)),
-        Ok(Err(cause)) => Err(NodeError::Bind { addr: listen, cause }),
+        Ok(Err(cause)) => Err(NodeError::Bind {
+            addr: listen,
+            cause,
+        }),
         // The executor thread ended before running the core: its runtime failed to start.
         Err(_) => {
             let cause = match handle.join() {
@@ -147,7 +155,8 @@ fn start_core(
 
 fn install_signal_handler(node: &Arc<NodeShared>, log: &Logger) -> Result<(), NodeError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(NodeError::Signals)?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(NodeError::Signals)?;
     let node = Arc::clone(node);
     let log = log.clone();
     std::thread::Builder::new()

@@ -72,8 +72,9 @@ pub fn parse_request(text: &[u8]) -> Result<Request<'_>, RequestError> {
         let (copy, buffers) = &mut *parser.borrow_mut();
         copy.clear();
         copy.extend_from_slice(text);
-        let tape = simd_json::to_tape_with_buffers(copy, buffers)
-            .map_err(|e| RequestError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}"), None))?;
+        let tape = simd_json::to_tape_with_buffers(copy, buffers).map_err(|e| {
+            RequestError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}"), None)
+        })?;
         read_fields(&tape.0, text)
     })
 }
@@ -247,7 +248,9 @@ fn skip_value(text: &[u8], pos: usize) -> usize {
         b'{' | b'[' => skip_container(text, pos),
         _ => {
             let mut end = pos;
-            while end < text.len() && !matches!(text[end], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+            while end < text.len()
+                && !matches!(text[end], b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            {
                 end += 1;
             }
             end
@@ -398,7 +401,14 @@ mod tests {
 
     #[test]
     fn data_of_every_json_type() {
-        for data in ["null", "true", "-1.5e3", r#""a\"}b""#, "[1,[2,{}]]", r#"{"a":"}"}"#] {
+        for data in [
+            "null",
+            "true",
+            "-1.5e3",
+            r#""a\"}b""#,
+            "[1,[2,{}]]",
+            r#"{"a":"}"}"#,
+        ] {
             let text = format!(r#"{{ "data" : {data} , "action":"PUBLISH","topic":"t"}}"#);
             let request = parse(&text).unwrap();
             assert_eq!(request.data.unwrap(), data.as_bytes(), "data {data}");
@@ -430,8 +440,14 @@ mod tests {
             (r#"{"action":"FLY"}"#, ErrorCode::UnknownAction),
             (r#"{"action":"PING","id":1.5}"#, ErrorCode::InvalidRequest),
             (r#"{"action":"PING","id":{}}"#, ErrorCode::InvalidRequest),
-            (r#"{"action":"SUBSCRIBE","topic":7}"#, ErrorCode::InvalidRequest),
-            (r#"{"action":"PING","action":"PING"}"#, ErrorCode::InvalidRequest),
+            (
+                r#"{"action":"SUBSCRIBE","topic":7}"#,
+                ErrorCode::InvalidRequest,
+            ),
+            (
+                r#"{"action":"PING","action":"PING"}"#,
+                ErrorCode::InvalidRequest,
+            ),
         ];
         for (text, code) in cases {
             let error = parse(text).unwrap_err();

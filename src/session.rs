@@ -70,7 +70,13 @@ impl Reader {
         step
     }
 
-    fn frames(&mut self, buf: &mut [u8], core: &Core, conn: &Rc<Conn>, log: &Logger) -> (usize, Step) {
+    fn frames(
+        &mut self,
+        buf: &mut [u8],
+        core: &Core,
+        conn: &Rc<Conn>,
+        log: &Logger,
+    ) -> (usize, Step) {
         let max = core.config().max_message_size;
         let mut pos = 0;
         loop {
@@ -90,9 +96,18 @@ impl Reader {
         }
     }
 
-    fn on_frame(&mut self, info: FrameInfo, payload: &[u8], core: &Core, conn: &Rc<Conn>, log: &Logger) -> Step {
+    fn on_frame(
+        &mut self,
+        info: FrameInfo,
+        payload: &[u8],
+        core: &Core,
+        conn: &Rc<Conn>,
+        log: &Logger,
+    ) -> Step {
         match info.kind {
-            FrameKind::Text | FrameKind::Binary if info.fin => on_message(info.kind, payload, core, conn, log),
+            FrameKind::Text | FrameKind::Binary if info.fin => {
+                on_message(info.kind, payload, core, conn, log)
+            }
             FrameKind::Text | FrameKind::Binary => {
                 self.fragment = Some(Fragment {
                     kind: info.kind,
@@ -108,7 +123,8 @@ impl Reader {
                 if !info.fin {
                     return Step::Continue;
                 }
-                let Fragment { kind, payload } = self.fragment.take().expect("fragment checked above");
+                let Fragment { kind, payload } =
+                    self.fragment.take().expect("fragment checked above");
                 on_message(kind, &payload, core, conn, log)
             }
             FrameKind::Ping => {
@@ -129,7 +145,11 @@ impl Reader {
 fn on_message(kind: FrameKind, payload: &[u8], core: &Core, conn: &Rc<Conn>, log: &Logger) -> Step {
     if kind == FrameKind::Binary {
         let message = "binary messages are not enabled on this node; send JSON text messages";
-        reply(core, conn, protocol::encode_error(ErrorCode::BinaryNotSupported, message, None));
+        reply(
+            core,
+            conn,
+            protocol::encode_error(ErrorCode::BinaryNotSupported, message, None),
+        );
         return Step::Continue;
     }
     // RFC 6455 8.1: a text message that is not UTF-8 fails the connection with 1007.
@@ -188,31 +208,46 @@ fn subscribe(request: &Request<'_>, core: &Core, conn: &Rc<Conn>) -> Outcome {
     if !held {
         let max = core.config().max_subscriptions;
         if conn.patterns.borrow().len() >= max {
-            let message = format!("this connection already holds the maximum of {max} subscriptions");
+            let message =
+                format!("this connection already holds the maximum of {max} subscriptions");
             return Err((ErrorCode::TooManySubscriptions, message));
         }
         core.add_subscription(pattern, conn);
         conn.patterns.borrow_mut().push(pattern.into());
     }
-    Ok(protocol::encode_reply("subscribed", Some(pattern), request.id))
+    Ok(protocol::encode_reply(
+        "subscribed",
+        Some(pattern),
+        request.id,
+    ))
 }
 
 fn unsubscribe(request: &Request<'_>, core: &Core, conn: &Rc<Conn>) -> Outcome {
     let pattern = required_topic(request)?;
     let position = conn.patterns.borrow().iter().position(|p| &**p == pattern);
     let Some(position) = position else {
-        return Err((ErrorCode::NotSubscribed, format!("not subscribed to `{pattern}`")));
+        return Err((
+            ErrorCode::NotSubscribed,
+            format!("not subscribed to `{pattern}`"),
+        ));
     };
     conn.patterns.borrow_mut().swap_remove(position);
     core.remove_subscription(pattern, conn.key);
-    Ok(protocol::encode_reply("unsubscribed", Some(pattern), request.id))
+    Ok(protocol::encode_reply(
+        "unsubscribed",
+        Some(pattern),
+        request.id,
+    ))
 }
 
 fn publish(request: &Request<'_>, core: &Core) -> Outcome {
     let topic = required_topic(request)?;
     topic::validate_topic(topic, core.config().max_topic_length).map_err(topic_error)?;
     let Some(data) = request.data else {
-        return Err((ErrorCode::MissingData, "missing `data`; use null for an empty message".to_owned()));
+        return Err((
+            ErrorCode::MissingData,
+            "missing `data`; use null for an empty message".to_owned(),
+        ));
     };
     let frame = protocol::encode_delivery(topic, data);
     core.publish(topic, frame)

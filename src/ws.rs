@@ -285,7 +285,12 @@ mod tests {
         let mut frame = client_frame(0x81, &[b'a'; 200]);
         let needed = frame.len();
         let result = decode(&mut frame[..50], None).unwrap();
-        assert_eq!(result, Decode::Incomplete { needed: Some(needed) });
+        assert_eq!(
+            result,
+            Decode::Incomplete {
+                needed: Some(needed)
+            }
+        );
         let result = decode(&mut frame[..1], None).unwrap();
         assert_eq!(result, Decode::Incomplete { needed: None });
     }
@@ -293,7 +298,10 @@ mod tests {
     #[test]
     fn header_rules_are_enforced() {
         let unmasked = &mut [0x81, 0x01, b'a'][..];
-        assert_eq!(decode(unmasked, None), Err(WsError::Protocol("client frame not masked")));
+        assert_eq!(
+            decode(unmasked, None),
+            Err(WsError::Protocol("client frame not masked"))
+        );
         let cases: [(u8, usize, Option<usize>, &str); 7] = [
             (0xC1, 1, None, "reserved bits set"),
             (0x83, 1, None, "reserved opcode"),
@@ -306,7 +314,11 @@ mod tests {
         for (first, len, fragmented, rule) in cases {
             let mut frame = client_frame(first, &vec![b'a'; len]);
             let result = decode(&mut frame, fragmented);
-            assert_eq!(result, Err(WsError::Protocol(rule)), "first byte {first:#x}");
+            assert_eq!(
+                result,
+                Err(WsError::Protocol(rule)),
+                "first byte {first:#x}"
+            );
         }
     }
 
@@ -328,7 +340,10 @@ mod tests {
         for code in [999u16, 1004, 1005, 1006, 1015, 5000] {
             let payload = code.to_be_bytes();
             let result = parse_close(&payload);
-            assert_eq!(result, Err(WsError::Protocol("close code that may not be sent")));
+            assert_eq!(
+                result,
+                Err(WsError::Protocol("close code that may not be sent"))
+            );
         }
         assert_eq!(parse_close(&[3, 232, 0xff]), Err(WsError::InvalidUtf8));
     }

@@ -153,7 +153,11 @@ fn unknown_opcodes_close_1002() {
 fn unmasked_client_frame_closes_1002() {
     let mut node = Node::start();
     let mut bystander = Bystander::new(&node);
-    assert_closes_on(&node, &[OutFrame::text(r#"{"action":"PING"}"#).unmasked()], 1002);
+    assert_closes_on(
+        &node,
+        &[OutFrame::text(r#"{"action":"PING"}"#).unmasked()],
+        1002,
+    );
     assert_closes_on(&node, &[OutFrame::ping("p").unmasked()], 1002);
     bystander.assert_undisturbed(&node);
     assert_node_serves(&mut node);
@@ -161,7 +165,10 @@ fn unmasked_client_frame_closes_1002() {
 
 #[test]
 fn fragmented_control_frame_closes_1002() {
-    let frames = [OutFrame::ping("part").fin(false), OutFrame::continuation("rest")];
+    let frames = [
+        OutFrame::ping("part").fin(false),
+        OutFrame::continuation("rest"),
+    ];
     assert_closes_with(&frames, 1002);
 }
 
@@ -180,7 +187,8 @@ fn control_frame_of_125_bytes_is_accepted() {
     let node = Node::start();
     let mut raw = RawClient::connect(node.addr);
     let payload = vec![b'p'; 125];
-    raw.send(&OutFrame::ping(payload.clone())).expect("send ping");
+    raw.send(&OutFrame::ping(payload.clone()))
+        .expect("send ping");
     match raw.read_frame(common::EVENT_TIMEOUT) {
         common::raw::ReadOutcome::Frame(frame) => {
             assert_eq!(frame.opcode, opcode::PONG, "{}", raw.transcript());
@@ -269,7 +277,8 @@ fn invalid_utf8_close_reason_closes_1007() {
 fn normal_close_is_echoed() {
     let node = Node::start();
     let mut raw = RawClient::connect(node.addr);
-    raw.send(&OutFrame::close(1000, b"done")).expect("send close");
+    raw.send(&OutFrame::close(1000, b"done"))
+        .expect("send close");
     let frame = raw.read_close();
     assert_eq!(frame.close_code(), Some(1000), "{}", raw.transcript());
     raw.expect_eof(Duration::from_secs(3));
@@ -297,7 +306,8 @@ fn valid_close_codes_are_accepted() {
 fn empty_close_is_answered() {
     let node = Node::start();
     let mut raw = RawClient::connect(node.addr);
-    raw.send(&OutFrame::new(opcode::CLOSE, Vec::new())).expect("send close");
+    raw.send(&OutFrame::new(opcode::CLOSE, Vec::new()))
+        .expect("send close");
     let frame = raw.read_close();
     let reply = frame.close_code();
     assert!(
@@ -328,7 +338,8 @@ fn close_codes_are_logged() {
     let node = Node::start();
     let mut raw = RawClient::connect(node.addr);
     let conn = node.connection_opened(raw.local_addr());
-    raw.send(&OutFrame::text(r#"{"action":"PING"}"#).rsv(0b100)).expect("send");
+    raw.send(&OutFrame::text(r#"{"action":"PING"}"#).rsv(0b100))
+        .expect("send");
     raw.expect_close(1002);
     let line = node.connection_closed(&conn.conn_id, common::EVENT_TIMEOUT);
     assert_eq!(line["close_code"], 1002, "{line}");

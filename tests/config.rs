@@ -20,7 +20,10 @@ fn assert_rejected(builder: NodeBuilder, setting: &str, value: &str) {
     let finished = builder.run_to_exit(EXIT_TIMEOUT);
     let context = format!("{setting} = {value:?}\n{}", finished.describe());
     assert_eq!(finished.status.code(), Some(2), "{context}");
-    assert!(finished.stderr.contains(value), "stderr does not name the value: {context}");
+    assert!(
+        finished.stderr.contains(value),
+        "stderr does not name the value: {context}"
+    );
     // `--max-message-size`, `max_message_size` and `NEXUS_MAX_MESSAGE_SIZE` all name the setting.
     let normalized = finished.stderr.to_lowercase().replace('_', "-");
     assert!(
@@ -57,9 +60,15 @@ fn invalid_flag_values_exit_2() {
 
 #[test]
 fn unknown_flag_exits_2() {
-    let finished = Node::builder().raw_arg("--no-such-flag").run_to_exit(EXIT_TIMEOUT);
+    let finished = Node::builder()
+        .raw_arg("--no-such-flag")
+        .run_to_exit(EXIT_TIMEOUT);
     assert_eq!(finished.status.code(), Some(2), "{}", finished.describe());
-    assert!(finished.stderr.contains("--no-such-flag"), "{}", finished.describe());
+    assert!(
+        finished.stderr.contains("--no-such-flag"),
+        "{}",
+        finished.describe()
+    );
 }
 
 #[test]
@@ -183,7 +192,11 @@ pong_timeout = "10s"
 fn started_log_reports_listen_address() {
     let node = Node::start();
     let addr: SocketAddr = node.addr;
-    assert_ne!(addr.port(), 0, "port 0 must be resolved in the \"node started\" line");
+    assert_ne!(
+        addr.port(),
+        0,
+        "port 0 must be resolved in the \"node started\" line"
+    );
     assert_eq!(node.cores, 2);
     assert!(!node.node_id.is_empty(), "empty node_id");
 }

@@ -38,17 +38,26 @@ fn stalled_client_process_is_removed() {
 
     // While it runs, the library answers pings, so three heartbeat periods must not close it.
     thread::sleep(Duration::from_secs(3));
-    assert_eq!(health_connections(node.addr), before + 1, "responsive client was removed");
+    assert_eq!(
+        health_connections(node.addr),
+        before + 1,
+        "responsive client was removed"
+    );
     let closed_early = node.logs().into_iter().find(|l| {
         l["msg"] == "connection closed" && common::field_text(&l["conn_id"]) == conn.conn_id
     });
-    assert!(closed_early.is_none(), "responsive client closed: {closed_early:?}");
+    assert!(
+        closed_early.is_none(),
+        "responsive client closed: {closed_early:?}"
+    );
 
     script.signal(libc::SIGSTOP);
     let stopped_at = Instant::now();
-    wait_until("/health to drop the stopped client", Duration::from_secs(15), || {
-        (health_connections(node.addr) == before).then_some(())
-    });
+    wait_until(
+        "/health to drop the stopped client",
+        Duration::from_secs(15),
+        || (health_connections(node.addr) == before).then_some(()),
+    );
     let removed_after = stopped_at.elapsed();
     let closed = node.connection_closed(&conn.conn_id, common::EVENT_TIMEOUT);
     assert_eq!(closed["close_code"], 4001, "{closed}");
@@ -77,7 +86,10 @@ fn node_pings_every_interval() {
                 raw.send(&OutFrame::new(opcode::PONG, frame.payload))
                     .expect("send pong");
             }
-            other => panic!("expected a ping within 3 s, got {other:?}\n{}", raw.transcript()),
+            other => panic!(
+                "expected a ping within 3 s, got {other:?}\n{}",
+                raw.transcript()
+            ),
         }
     }
     assert!(

@@ -57,7 +57,10 @@ fn assert_cross_client(subscriber_client: &str, publisher_client: &str) {
     let node = Node::start();
     let mut subscriber = Script::start(client_command(subscriber_client, &node, "subscriber"));
     let line = subscriber.next_line(SCRIPT_TIMEOUT);
-    assert_eq!(line, "subscribed", "{subscriber_client} subscriber printed {line:?}");
+    assert_eq!(
+        line, "subscribed",
+        "{subscriber_client} subscriber printed {line:?}"
+    );
 
     let publisher = process::run(
         client_command(publisher_client, &node, "publisher"),

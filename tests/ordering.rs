@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::{connect_on_every_core, PlacedClient};
 use common::{client::Client, Node};
+use common::{connect_on_every_core, PlacedClient};
 use std::thread;
 
 const MESSAGES: u64 = 10_000;

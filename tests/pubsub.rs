@@ -20,12 +20,18 @@ fn publish_reaches_subscribers_on_both_cores() {
         placed.client.subscribe("market_updates");
     }
     let cores: BTreeSet<&String> = subscribers.iter().map(|p| &p.conn.core).collect();
-    assert_eq!(cores.len(), 2, "subscribers should be on two cores: {cores:?}");
+    assert_eq!(
+        cores.len(),
+        2,
+        "subscribers should be on two cores: {cores:?}"
+    );
 
     // Publish once from a connection on each core, so each core sends to the other.
     let mut publishers = connect_on_every_core(&node, 1);
     for (i, publisher) in publishers.iter_mut().enumerate() {
-        publisher.client.publish("market_updates", &format!("{{\"n\":{i}}}"));
+        publisher
+            .client
+            .publish("market_updates", &format!("{{\"n\":{i}}}"));
         for placed in &mut subscribers {
             let delivery = placed.client.recv();
             let context = format!(
@@ -178,7 +184,10 @@ fn duplicate_subscribe_delivers_once() {
     // The second SUBSCRIBE changed nothing, so one UNSUBSCRIBE removes the subscription.
     subscriber.unsubscribe("dup");
     let reply = subscriber.request(r#"{"action":"UNSUBSCRIBE","topic":"dup","id":99}"#);
-    assert_eq!(reply["code"], "not_subscribed", "second UNSUBSCRIBE: {reply}");
+    assert_eq!(
+        reply["code"], "not_subscribed",
+        "second UNSUBSCRIBE: {reply}"
+    );
     publisher.publish("dup", "2");
     publisher.publish("sentinel", "0");
     let before = subscriber.deliveries_until("sentinel");

@@ -47,8 +47,14 @@ fn invalid_request_for_wrong_types() {
         (r#"{"action":"PING","id":1.5}"#, None),
         (r#"{"action":"PING","id":{"n":1}}"#, None),
         (r#"{"action":"PING","id":[1]}"#, None),
-        (r#"{"action":"SUBSCRIBE","topic":5,"id":"s"}"#, Some(json!("s"))),
-        (r#"{"action":"PUBLISH","topic":["t"],"data":1,"id":2}"#, Some(json!(2))),
+        (
+            r#"{"action":"SUBSCRIBE","topic":5,"id":"s"}"#,
+            Some(json!("s")),
+        ),
+        (
+            r#"{"action":"PUBLISH","topic":["t"],"data":1,"id":2}"#,
+            Some(json!(2)),
+        ),
     ];
     assert_errors(&mut client, "invalid_request", &cases);
 }
@@ -76,7 +82,10 @@ fn unknown_action_is_reported() {
     let mut client = Client::connect(node.addr);
     let cases = [
         (r#"{"action":"FETCH","id":1}"#, Some(json!(1))),
-        (r#"{"action":"subscribe","topic":"t","id":"lower"}"#, Some(json!("lower"))),
+        (
+            r#"{"action":"subscribe","topic":"t","id":"lower"}"#,
+            Some(json!("lower")),
+        ),
         (r#"{"action":"","id":2}"#, Some(json!(2))),
         (r#"{"action":"PING "}"#, None),
     ];
@@ -96,23 +105,39 @@ fn missing_topic_for_each_action() {
     assert_errors(&mut client, "missing_topic", &cases);
 }
 
+/// Topics and patterns that break the topic rules.
+const BAD_TOPICS: [&str; 17] = [
+    "",
+    "a..b",
+    ".a",
+    "a.",
+    ".",
+    "a b",
+    "a/b",
+    "a#b",
+    "caf\u{e9}",
+    "a\tb",
+    "ord*",
+    "a.b*",
+    "*a",
+    "a.>.b",
+    ">.a",
+    "a.>>",
+    "a.*x",
+];
+
 #[test]
 fn topic_rules_are_enforced() {
     let node = Node::start();
     let mut client = Client::connect(node.addr);
-    let bad_topics = [
-        "", "a..b", ".a", "a.", ".", "a b", "a/b", "a#b", "caf\u{e9}", "a\tb", "ord*", "a.b*",
-        "*a", "a.>.b", ">.a", "a.>>", "a.*x",
-    ];
-    for (n, topic) in bad_topics.iter().enumerate() {
+    for (n, topic) in BAD_TOPICS.iter().enumerate() {
         let topic_json = Value::from(*topic);
-        for action in ["SUBSCRIBE", "UNSUBSCRIBE"] {
-            let request = format!(r#"{{"action":"{action}","topic":{topic_json},"id":{n}}}"#);
-            client.expect_error(&request, "invalid_topic", Some(json!(n)));
-        }
+        let request = format!(r#"{{"action":"SUBSCRIBE","topic":{topic_json},"id":{n}}}"#);
+        client.expect_error(&request, "invalid_topic", Some(json!(n)));
         // A PUBLISH topic containing `*` or `>` is the wildcard_publish case instead.
         if !topic.contains(['*', '>']) {
-            let request = format!(r#"{{"action":"PUBLISH","topic":{topic_json},"data":1,"id":{n}}}"#);
+            let request =
+                format!(r#"{{"action":"PUBLISH","topic":{topic_json},"data":1,"id":{n}}}"#);
             client.expect_error(&request, "invalid_topic", Some(json!(n)));
         }
         client.ping();
@@ -122,6 +147,20 @@ fn topic_rules_are_enforced() {
     client.subscribe("a.b");
     client.publish("a.b", "1");
     assert_eq!(client.recv()["data"], 1);
+}
+
+#[test]
+fn unsubscribe_checks_topic_rules() {
+    // An invalid pattern can never be held, but the client should learn that the topic is
+    // invalid rather than merely not subscribed.
+    let node = Node::start();
+    let mut client = Client::connect(node.addr);
+    for (n, topic) in BAD_TOPICS.iter().enumerate() {
+        let topic_json = Value::from(*topic);
+        let request = format!(r#"{{"action":"UNSUBSCRIBE","topic":{topic_json},"id":{n}}}"#);
+        client.expect_error(&request, "invalid_topic", Some(json!(n)));
+        client.ping();
+    }
 }
 
 #[test]
@@ -165,9 +204,18 @@ fn wildcard_publish_is_rejected() {
     subscriber.subscribe(">");
     let mut client = Client::connect(node.addr);
     let cases = [
-        (r#"{"action":"PUBLISH","topic":"orders.*","data":1,"id":1}"#, Some(json!(1))),
-        (r#"{"action":"PUBLISH","topic":"orders.>","data":1,"id":2}"#, Some(json!(2))),
-        (r#"{"action":"PUBLISH","topic":"*","data":1,"id":3}"#, Some(json!(3))),
+        (
+            r#"{"action":"PUBLISH","topic":"orders.*","data":1,"id":1}"#,
+            Some(json!(1)),
+        ),
+        (
+            r#"{"action":"PUBLISH","topic":"orders.>","data":1,"id":2}"#,
+            Some(json!(2)),
+        ),
+        (
+            r#"{"action":"PUBLISH","topic":"*","data":1,"id":3}"#,
+            Some(json!(3)),
+        ),
         (r#"{"action":"PUBLISH","topic":">","data":1}"#, None),
     ];
     assert_errors(&mut client, "wildcard_publish", &cases);
@@ -175,7 +223,10 @@ fn wildcard_publish_is_rejected() {
     // None of them reached the subscriber to everything.
     client.publish("sentinel", "0");
     let before = subscriber.deliveries_until("sentinel");
-    assert!(before.is_empty(), "rejected publishes were delivered: {before:?}");
+    assert!(
+        before.is_empty(),
+        "rejected publishes were delivered: {before:?}"
+    );
 }
 
 #[test]
@@ -200,10 +251,19 @@ fn unsubscribe_unknown_pattern_is_reported() {
     client.subscribe("orders.eu");
     client.subscribe("orders.*");
     let cases = [
-        (r#"{"action":"UNSUBSCRIBE","topic":"never","id":1}"#, Some(json!(1))),
+        (
+            r#"{"action":"UNSUBSCRIBE","topic":"never","id":1}"#,
+            Some(json!(1)),
+        ),
         // The pattern must be the same string as a held one, not merely match it.
-        (r#"{"action":"UNSUBSCRIBE","topic":"orders.>","id":2}"#, Some(json!(2))),
-        (r#"{"action":"UNSUBSCRIBE","topic":"orders.us","id":3}"#, Some(json!(3))),
+        (
+            r#"{"action":"UNSUBSCRIBE","topic":"orders.>","id":2}"#,
+            Some(json!(2)),
+        ),
+        (
+            r#"{"action":"UNSUBSCRIBE","topic":"orders.us","id":3}"#,
+            Some(json!(3)),
+        ),
         (r#"{"action":"UNSUBSCRIBE","topic":"Orders.eu"}"#, None),
     ];
     assert_errors(&mut client, "not_subscribed", &cases);
@@ -219,7 +279,10 @@ fn binary_message_is_not_supported() {
         client.send_binary(payload);
         let reply = client.next_reply();
         assert_eq!(reply["type"], "error", "binary {payload:?}: {reply}");
-        assert_eq!(reply["code"], "binary_not_supported", "binary {payload:?}: {reply}");
+        assert_eq!(
+            reply["code"], "binary_not_supported",
+            "binary {payload:?}: {reply}"
+        );
         client.ping();
     }
 }

@@ -25,12 +25,22 @@ fn assert_stops_cleanly(signal: i32) {
     for placed in &mut clients {
         let frame = placed.client.expect_close(common::EVENT_TIMEOUT);
         let frame = frame.unwrap_or_else(|| panic!("close frame without a code"));
-        assert_eq!(frame.code, CloseCode::Away, "client on core {}", placed.conn.core);
+        assert_eq!(
+            frame.code,
+            CloseCode::Away,
+            "client on core {}",
+            placed.conn.core
+        );
         assert_eq!(frame.reason.as_str(), "node shutting down");
     }
     let status = node.wait_exit(Duration::from_secs(3) + EXIT_SLACK);
     let elapsed = signalled_at.elapsed();
-    assert_eq!(status.code(), Some(0), "exit status {status}\n{}", node.diagnostics());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status}\n{}",
+        node.diagnostics()
+    );
     node.wait_for_log("\"node stopped\"", common::EVENT_TIMEOUT, |l| {
         l["msg"] == "node stopped"
     });
@@ -60,11 +70,21 @@ fn unresponsive_client_bounded_by_drain_timeout() {
     node.signal(libc::SIGTERM);
     let frame = raw.read_close();
     assert_eq!(frame.close_code(), Some(1001), "{}", raw.transcript());
-    assert_eq!(&frame.payload[2..], b"node shutting down", "{}", raw.transcript());
+    assert_eq!(
+        &frame.payload[2..],
+        b"node shutting down",
+        "{}",
+        raw.transcript()
+    );
 
     let status = node.wait_exit(Duration::from_secs(2) + EXIT_SLACK);
     let elapsed = signalled_at.elapsed();
-    assert_eq!(status.code(), Some(0), "exit status {status}\n{}", node.diagnostics());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status}\n{}",
+        node.diagnostics()
+    );
     assert!(
         elapsed <= Duration::from_secs(2) + EXIT_SLACK,
         "exited {elapsed:?} after SIGTERM with a 2 s drain timeout"
@@ -97,7 +117,12 @@ fn idle_node_exits_on_sigterm() {
     let signalled_at = Instant::now();
     node.signal(libc::SIGTERM);
     let status = node.wait_exit(Duration::from_secs(5));
-    assert_eq!(status.code(), Some(0), "exit status {status}\n{}", node.diagnostics());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status}\n{}",
+        node.diagnostics()
+    );
     assert!(
         signalled_at.elapsed() < Duration::from_secs(3),
         "idle node took {:?} to exit",

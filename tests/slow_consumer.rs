@@ -60,6 +60,7 @@ fn stalled_subscriber_is_closed_with_4000() {
     assert!(!reason.is_empty(), "no reason in {closed}");
 
     let growth_kib = peak_kib.saturating_sub(baseline_kib);
+    println!("VmRSS baseline {baseline_kib} KiB, peak {peak_kib} KiB, growth {growth_kib} KiB");
     assert!(
         growth_kib <= MAX_RSS_GROWTH_KIB,
         "VmRSS grew from {baseline_kib} KiB to a peak of {peak_kib} KiB (+{growth_kib} KiB, \
@@ -68,6 +69,7 @@ fn stalled_subscriber_is_closed_with_4000() {
     );
 
     let (delivered, close) = drain_stalled(&mut stalled);
+    println!("stalled subscriber: {delivered} deliveries, then close frame {close:?}");
     assert!(
         delivered < MESSAGES,
         "the stalled subscriber still got all {MESSAGES} messages"
@@ -128,9 +130,9 @@ fn drain_stalled(stalled: &mut Client) -> (u64, Option<u16>) {
             Incoming::Text(_) => delivered += 1,
             Incoming::Close(frame) => return (delivered, frame.map(|f| f.code.into())),
             Incoming::Ended(_) => return (delivered, None),
-            Incoming::TimedOut => panic!(
-                "the node kept the stalled subscriber open after {delivered} deliveries"
-            ),
+            Incoming::TimedOut => {
+                panic!("the node kept the stalled subscriber open after {delivered} deliveries")
+            }
         }
     }
     panic!("still draining the stalled subscriber after 30 s ({delivered} deliveries)");

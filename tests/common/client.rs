@@ -51,8 +51,12 @@ impl Client {
     pub fn try_connect(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Client, String> {
         let stream = TcpStream::connect_timeout(&addr, timeout)
             .map_err(|e| format!("TCP connect to {addr} failed: {e}"))?;
-        stream.set_read_timeout(Some(timeout)).expect("set_read_timeout");
-        stream.set_write_timeout(Some(EVENT_TIMEOUT)).expect("set_write_timeout");
+        stream
+            .set_read_timeout(Some(timeout))
+            .expect("set_read_timeout");
+        stream
+            .set_write_timeout(Some(EVENT_TIMEOUT))
+            .expect("set_write_timeout");
         stream.set_nodelay(true).expect("set_nodelay");
         let local_addr = stream.local_addr().expect("local_addr");
         let url = format!("ws://{addr}{path}");
@@ -64,7 +68,9 @@ impl Client {
                 next_id: 1,
             }),
             Err(HandshakeError::Failure(e)) => Err(format!("handshake failed: {e}")),
-            Err(HandshakeError::Interrupted(_)) => Err(format!("handshake timed out ({timeout:?})")),
+            Err(HandshakeError::Interrupted(_)) => {
+                Err(format!("handshake timed out ({timeout:?})"))
+            }
         }
     }
 
@@ -90,7 +96,9 @@ impl Client {
     }
 
     pub fn flush(&mut self) {
-        self.ws.flush().unwrap_or_else(|e| panic!("flush failed: {e}"));
+        self.ws
+            .flush()
+            .unwrap_or_else(|e| panic!("flush failed: {e}"));
     }
 
     /// Reads the next text message, close frame or end of connection, waiting up to `timeout`.
@@ -102,7 +110,10 @@ impl Client {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let wait = remaining.max(Duration::from_millis(1));
-            self.ws.get_ref().set_read_timeout(Some(wait)).expect("set_read_timeout");
+            self.ws
+                .get_ref()
+                .set_read_timeout(Some(wait))
+                .expect("set_read_timeout");
             match self.ws.read() {
                 Ok(Message::Text(text)) => return Incoming::Text(text.as_str().to_owned()),
                 Ok(Message::Close(frame)) => return Incoming::Close(frame),
@@ -253,7 +264,10 @@ impl Client {
         let mut before = Vec::new();
         loop {
             let value = self.recv();
-            assert_eq!(value["type"], "message", "expected only deliveries, got {value}");
+            assert_eq!(
+                value["type"], "message",
+                "expected only deliveries, got {value}"
+            );
             if value["topic"] == sentinel_topic {
                 return before;
             }
@@ -305,7 +319,10 @@ pub fn assert_reply(reply: &Value, kind: &str, topic: Option<&str>, request: &st
 pub fn assert_delivery(delivery: &Value, topic: &str, data: &Value, context: &str) {
     assert_eq!(delivery["type"], "message", "{context}: {delivery}");
     assert_eq!(delivery["topic"], topic, "{context}: {delivery}");
-    assert!(delivery.get("data").is_some(), "{context}: no data in {delivery}");
+    assert!(
+        delivery.get("data").is_some(),
+        "{context}: no data in {delivery}"
+    );
     assert_eq!(&delivery["data"], data, "{context}: {delivery}");
 }
 

@@ -45,7 +45,9 @@ pub fn read_head(stream: &mut TcpStream) -> Result<(Response, Vec<u8>), String> 
         match stream.read(&mut chunk) {
             Ok(0) => {
                 let text = String::from_utf8_lossy(&buffer);
-                return Err(format!("connection closed before a full response head: {text:?}"));
+                return Err(format!(
+                    "connection closed before a full response head: {text:?}"
+                ));
             }
             Ok(n) => buffer.extend_from_slice(&chunk[..n]),
             Err(e) => return Err(format!("reading the response head failed: {e}")),
@@ -80,12 +82,14 @@ pub fn read_head(stream: &mut TcpStream) -> Result<(Response, Vec<u8>), String> 
 pub fn exchange(addr: SocketAddr, request: &str) -> Response {
     let mut stream = TcpStream::connect_timeout(&addr, EVENT_TIMEOUT)
         .unwrap_or_else(|e| panic!("TCP connect to {addr} failed: {e}"));
-    stream.set_read_timeout(Some(EVENT_TIMEOUT)).expect("set_read_timeout");
+    stream
+        .set_read_timeout(Some(EVENT_TIMEOUT))
+        .expect("set_read_timeout");
     stream
         .write_all(request.as_bytes())
         .unwrap_or_else(|e| panic!("sending {request:?} failed: {e}"));
-    let (mut response, mut body) = read_head(&mut stream)
-        .unwrap_or_else(|e| panic!("no HTTP response to {request:?}: {e}"));
+    let (mut response, mut body) =
+        read_head(&mut stream).unwrap_or_else(|e| panic!("no HTTP response to {request:?}: {e}"));
     if response.status == 101 {
         return response;
     }
@@ -104,7 +108,10 @@ pub fn exchange(addr: SocketAddr, request: &str) -> Response {
         }
     }
     if let Some(length) = length {
-        assert!(body.len() >= length, "body shorter than Content-Length {length}: {body:?}");
+        assert!(
+            body.len() >= length,
+            "body shorter than Content-Length {length}: {body:?}"
+        );
         body.truncate(length);
     }
     response.body = body;
@@ -121,8 +128,12 @@ pub fn get(addr: SocketAddr, path: &str) -> Response {
 pub fn health(addr: SocketAddr) -> Value {
     let response = get(addr, "/health");
     assert_eq!(response.status, 200, "GET /health: {response:?}");
-    serde_json::from_slice(&response.body)
-        .unwrap_or_else(|e| panic!("GET /health body is not JSON ({e}): {}", response.body_text()))
+    serde_json::from_slice(&response.body).unwrap_or_else(|e| {
+        panic!(
+            "GET /health body is not JSON ({e}): {}",
+            response.body_text()
+        )
+    })
 }
 
 /// Returns `connections` from GET /health.

@@ -82,7 +82,10 @@ impl NodeBuilder {
         let logs = Arc::new(LogBook::default());
         read_log_lines(child.stdout.take().expect("stdout is piped"), logs.clone());
         let stderr = Arc::new(Mutex::new(String::new()));
-        read_stderr(child.stderr.take().expect("stderr is piped"), stderr.clone());
+        read_stderr(
+            child.stderr.take().expect("stderr is piped"),
+            stderr.clone(),
+        );
 
         let mut node = Node {
             child,
@@ -98,7 +101,9 @@ impl NodeBuilder {
         node.addr = started["listen"]
             .as_str()
             .and_then(|listen| listen.parse().ok())
-            .unwrap_or_else(|| panic!("\"node started\" has no socket address in `listen`: {started}"));
+            .unwrap_or_else(|| {
+                panic!("\"node started\" has no socket address in `listen`: {started}")
+            });
         node.node_id = field_text(&started["node_id"]);
         node.cores = started["cores"]
             .as_u64()
@@ -116,7 +121,10 @@ impl NodeBuilder {
         let mut command = Command::new(env!("CARGO_BIN_EXE_nexus-node"));
         for (flag, value) in DEFAULT_ARGS {
             let with_value = format!("{flag}=");
-            let set_by_test = self.args.iter().any(|a| a == flag || a.starts_with(&with_value));
+            let set_by_test = self
+                .args
+                .iter()
+                .any(|a| a == flag || a.starts_with(&with_value));
             let omitted = self.omitted.iter().any(|arg| arg == flag);
             if !set_by_test && !omitted {
                 command.args([flag, value]);
@@ -151,7 +159,9 @@ struct LogState {
 
 impl LogBook {
     fn lock(&self) -> MutexGuard<'_, LogState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -174,7 +184,9 @@ fn read_stderr(mut stderr: impl Read + Send + 'static, text: Arc<Mutex<String>>)
         let mut buffer = [0u8; 4096];
         while let Ok(n @ 1..) = stderr.read(&mut buffer) {
             let chunk = String::from_utf8_lossy(&buffer[..n]);
-            text.lock().unwrap_or_else(|p| p.into_inner()).push_str(&chunk);
+            text.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_str(&chunk);
         }
     });
 }
@@ -326,7 +338,10 @@ impl Node {
 
     /// Returns what the node printed on stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Formats the last log lines and stderr for a failure message.

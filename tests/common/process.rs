@@ -141,7 +141,10 @@ impl Script {
                 line
             }
             Err(RecvTimeoutError::Timeout) => {
-                panic!("no line from the script within {timeout:?}\n{}", self.finish())
+                panic!(
+                    "no line from the script within {timeout:?}\n{}",
+                    self.finish()
+                )
             }
             Err(RecvTimeoutError::Disconnected) => {
                 panic!("the script closed stdout early\n{}", self.finish())

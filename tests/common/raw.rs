@@ -202,15 +202,22 @@ impl RawClient {
     pub fn connect_with(addr: SocketAddr, request: &str) -> RawClient {
         let mut stream = TcpStream::connect_timeout(&addr, EVENT_TIMEOUT)
             .unwrap_or_else(|e| panic!("TCP connect to {addr} failed: {e}"));
-        stream.set_read_timeout(Some(EVENT_TIMEOUT)).expect("set_read_timeout");
-        stream.set_write_timeout(Some(EVENT_TIMEOUT)).expect("set_write_timeout");
+        stream
+            .set_read_timeout(Some(EVENT_TIMEOUT))
+            .expect("set_read_timeout");
+        stream
+            .set_write_timeout(Some(EVENT_TIMEOUT))
+            .expect("set_write_timeout");
         stream.set_nodelay(true).expect("set_nodelay");
         stream
             .write_all(request.as_bytes())
             .unwrap_or_else(|e| panic!("sending the handshake failed: {e}"));
         let (response, rest) = http::read_head(&mut stream)
             .unwrap_or_else(|e| panic!("no handshake response to {request:?}: {e}"));
-        assert_eq!(response.status, 101, "handshake {request:?}\nresponse {response:?}");
+        assert_eq!(
+            response.status, 101,
+            "handshake {request:?}\nresponse {response:?}"
+        );
         assert_eq!(
             response.header("sec-websocket-accept"),
             Some(SAMPLE_ACCEPT),
@@ -263,14 +270,17 @@ impl RawClient {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(frame) = self.parse_buffered() {
-                self.transcript.push(format!("received: {}", frame.describe()));
+                self.transcript
+                    .push(format!("received: {}", frame.describe()));
                 return ReadOutcome::Frame(frame);
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return ReadOutcome::TimedOut;
             }
-            self.stream.set_read_timeout(Some(remaining)).expect("set_read_timeout");
+            self.stream
+                .set_read_timeout(Some(remaining))
+                .expect("set_read_timeout");
             let mut chunk = [0u8; 16 * 1024];
             match self.stream.read(&mut chunk) {
                 Ok(0) => {
@@ -295,8 +305,14 @@ impl RawClient {
         };
         let masked = second & 0x80 != 0;
         let (len, mut offset) = match second & 0x7f {
-            126 => (u16::from_be_bytes(buffer.get(2..4)?.try_into().ok()?) as usize, 4),
-            127 => (u64::from_be_bytes(buffer.get(2..10)?.try_into().ok()?) as usize, 10),
+            126 => (
+                u16::from_be_bytes(buffer.get(2..4)?.try_into().ok()?) as usize,
+                4,
+            ),
+            127 => (
+                u64::from_be_bytes(buffer.get(2..10)?.try_into().ok()?) as usize,
+                10,
+            ),
             len => (usize::from(len), 2),
         };
         let mask: Option<[u8; 4]> = if masked {
@@ -308,7 +324,10 @@ impl RawClient {
         };
         let mut payload = buffer.get(offset..offset + len)?.to_vec();
         if let Some(key) = mask {
-            payload.iter_mut().enumerate().for_each(|(i, b)| *b ^= key[i % 4]);
+            payload
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b ^= key[i % 4]);
         }
         self.buffer.drain(..offset + len);
         Some(InFrame {
@@ -344,7 +363,11 @@ impl RawClient {
             "wrong close code\n{}",
             self.transcript()
         );
-        assert!(!frame.masked, "the node masked its frame\n{}", self.transcript());
+        assert!(
+            !frame.masked,
+            "the node masked its frame\n{}",
+            self.transcript()
+        );
         let _ = self.send(&OutFrame::close(code, b""));
         self.expect_eof(Duration::from_secs(3));
     }

@@ -1,0 +1,292 @@
+#!/usr/bin/env bash
+# Runs the same load cases against nexus-node and its peers, in turns
+# (round 1: nexus, node, yardstick, sockudo; round 2: the same again; ...),
+# starting every broker fresh for every run, and writes the raw result lines
+# and one Markdown table to loadtest/results/<date>/.
+#
+# Peers: the Node.js reference (loadtest/node-reference), the epoll
+# yardstick (loadtest/yardstick) and Sockudo when `sockudo` is on PATH
+# (see loadtest/peers.md). Every run is bounded by --duration and by
+# `timeout`; the script kills only the processes it started.
+#
+# Usage: loadtest/compare.sh            (all cases, 2 rounds)
+#        CASES="fanout topics" ROUNDS=3 BROKERS="nexus yardstick" loadtest/compare.sh
+# Every setting below can be overridden from the environment.
+
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(dirname "$here")
+
+ROUNDS=${ROUNDS:-2}
+DURATION=${DURATION:-15}
+CASES=${CASES:-"fanout fanout_rate topics connections storm cluster"}
+BROKERS=${BROKERS:-"nexus node yardstick sockudo"}
+OUT=${OUT:-$here/results/$(date +%Y-%m-%d_%H%M%S)}
+SKIP_BUILD=${SKIP_BUILD:-0}
+# Client threads of the load generator; the brokers get the rest of the machine.
+THREADS=${THREADS:-1}
+
+FANOUT_SUBSCRIBERS=${FANOUT_SUBSCRIBERS:-500}
+FANOUT_RATE=${FANOUT_RATE:-200}
+TOPICS_SUBSCRIBERS=${TOPICS_SUBSCRIBERS:-1000}
+TOPICS_PUBLISHERS=${TOPICS_PUBLISHERS:-4}
+CONNECTIONS=${CONNECTIONS:-10000}
+STORM_CONNECTIONS=${STORM_CONNECTIONS:-2000}
+CLUSTER_SUBSCRIBERS=${CLUSTER_SUBSCRIBERS:-500}
+
+NEXUS_PORT=3001
+NODE_PORT=3201
+YARDSTICK_PORT=3101
+SOCKUDO_PORT=3301
+REDIS_PORT=${REDIS_PORT:-6390}
+SOCKUDO_CONFIG=$here/sockudo.toml
+SOCKUDO_APP=(--app-id nexus-bench --app-key nexus-bench-key --app-secret nexus-bench-secret)
+
+loadtest=$root/target/release/nexus-loadtest
+nexus=$root/target/release/nexus-node
+yardstick=$root/target/release/nexus-yardstick
+
+# Pids of the processes this script started and has not stopped yet.
+started=()
+# Pids of the broker processes of the current run.
+broker_pids=()
+# WebSocket URLs of the current run, one per node.
+broker_urls=()
+
+log() { printf '%s compare: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+cleanup() {
+    local pid
+    for pid in ${started[@]+"${started[@]}"}; do
+        kill "$pid" 2>/dev/null || true
+    done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Starts a command in the background with its output in $2 and records its pid in $spawned.
+spawn() {
+    local name=$1 logfile=$2
+    shift 2
+    "$@" >"$logfile" 2>&1 &
+    spawned=$!
+    started+=("$spawned")
+    log "started $name (pid $spawned)"
+}
+
+# Stops one process this script started: SIGTERM, then SIGKILL after 10 s.
+stop() {
+    local pid=$1 waited=0
+    kill "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null && ((waited < 100)); do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    local kept=()
+    for other in ${started[@]+"${started[@]}"}; do
+        [[ $other == "$pid" ]] || kept+=("$other")
+    done
+    started=(${kept[@]+"${kept[@]}"})
+}
+
+# Waits up to 15 s until something accepts TCP connections on 127.0.0.1:$1.
+wait_for_port() {
+    local port=$1 tries=0
+    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+        tries=$((tries + 1))
+        if ((tries > 150)); then
+            log "nothing listens on port $port after 15 s"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+sockudo_bin() {
+    command -v sockudo 2>/dev/null || true
+}
+
+# Starts the broker(s) for one run, filling broker_pids and broker_urls.
+# $1 broker, $2 number of nodes (2 for the cluster case), $3 log prefix.
+start_broker() {
+    local broker=$1 nodes=$2 prefix=$3 i port
+    broker_pids=()
+    broker_urls=()
+    for ((i = 0; i < nodes; i++)); do
+        case $broker in
+        nexus)
+            port=$((NEXUS_PORT + i))
+            local cluster=()
+            ((nodes > 1)) && cluster=(--redis "redis://127.0.0.1:$REDIS_PORT")
+            spawn "nexus-node :$port" "$prefix.nexus$i.log" \
+                "$nexus" --listen "127.0.0.1:$port" --log-level warn ${cluster[@]+"${cluster[@]}"}
+            ;;
+        node)
+            port=$((NODE_PORT + i))
+            local redis_url=""
+            ((nodes > 1)) && redis_url="redis://127.0.0.1:$REDIS_PORT"
+            spawn "node reference :$port" "$prefix.node$i.log" \
+                env PORT="$port" REDIS_URL="$redis_url" LOG_LEVEL=warn \
+                node "$here/node-reference/server.js"
+            ;;
+        yardstick)
+            port=$YARDSTICK_PORT
+            spawn "yardstick :$port" "$prefix.yardstick.log" \
+                "$yardstick" --listen "127.0.0.1:$port"
+            ;;
+        sockudo)
+            port=$SOCKUDO_PORT
+            spawn "sockudo :$port" "$prefix.sockudo.log" \
+                "$(sockudo_bin)" --config "$SOCKUDO_CONFIG"
+            ;;
+        esac
+        broker_pids+=("$spawned")
+        broker_urls+=("ws://127.0.0.1:$port/")
+        wait_for_port "$port"
+    done
+}
+
+stop_broker() {
+    local pid
+    for pid in ${broker_pids[@]+"${broker_pids[@]}"}; do
+        stop "$pid"
+    done
+    broker_pids=()
+}
+
+# Prints the generator arguments of one case, one per line.
+case_args() {
+    case $1 in
+    fanout)
+        # As fast as the in-flight window allows: the throughput ceiling.
+        printf '%s\n' fanout --subscribers "$FANOUT_SUBSCRIBERS" --publishers 1
+        ;;
+    fanout_rate)
+        # A fixed load every broker should carry: latency at equal work.
+        printf '%s\n' fanout --subscribers "$FANOUT_SUBSCRIBERS" --publishers 2 --rate "$FANOUT_RATE"
+        ;;
+    topics)
+        printf '%s\n' topics --subscribers "$TOPICS_SUBSCRIBERS" --publishers "$TOPICS_PUBLISHERS"
+        ;;
+    connections)
+        printf '%s\n' connections --connections "$CONNECTIONS"
+        ;;
+    storm)
+        printf '%s\n' storm --connections "$STORM_CONNECTIONS" --storm-after 5
+        ;;
+    cluster)
+        printf '%s\n' cluster --subscribers "$CLUSTER_SUBSCRIBERS" --publishers 1
+        ;;
+    *)
+        log "unknown case $1"
+        return 1
+        ;;
+    esac
+}
+
+# Whether broker $1 takes part in case $2, and is installed.
+applies() {
+    local broker=$1 name=$2
+    if [[ $broker == sockudo && -z $(sockudo_bin) ]]; then
+        return 1
+    fi
+    if [[ $name == cluster ]]; then
+        # Only nexus-node and the Node reference have a Redis cluster mode here.
+        [[ $broker == nexus || $broker == node ]] && command -v redis-server >/dev/null
+        return
+    fi
+    return 0
+}
+
+# Runs one case against one broker and appends its result line.
+run_one() {
+    local round=$1 name=$2 broker=$3
+    local prefix="$OUT/logs/r${round}-${name}-${broker}"
+    local nodes=1
+    [[ $name == cluster ]] && nodes=2
+
+    start_broker "$broker" "$nodes" "$prefix"
+
+    local args=()
+    mapfile -t args < <(case_args "$name")
+    local url pid
+    for url in "${broker_urls[@]}"; do args+=(--url "$url"); done
+    for pid in "${broker_pids[@]}"; do args+=(--pid "$pid"); done
+    if [[ $broker == sockudo ]]; then
+        args+=(--protocol pusher "${SOCKUDO_APP[@]}")
+    fi
+    args+=(--duration "$DURATION" --threads "$THREADS" --label "$broker" --json)
+
+    log "round $round: $name on $broker"
+    local line status=0
+    # The generator stops by itself; timeout only guards against a hang.
+    line=$(timeout --kill-after=10 $((DURATION * 4 + 120)) \
+        "$loadtest" "${args[@]}" 2>"$prefix.loadtest.log") || status=$?
+    stop_broker
+
+    if [[ $status -ne 0 || -z $line ]]; then
+        log "round $round: $name on $broker failed (exit $status), see $prefix.loadtest.log"
+        line='{}'
+    fi
+    jq -c --arg broker "$broker" --arg case "$name" --argjson round "$round" \
+        --argjson exit "$status" '. + {broker: $broker, case: $case, round: $round, exit: $exit}' \
+        <<<"$line" >>"$OUT/results.jsonl"
+}
+
+start_redis() {
+    spawn "redis-server :$REDIS_PORT" "$OUT/logs/redis.log" \
+        redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no
+    redis_pid=$spawned
+    wait_for_port "$REDIS_PORT"
+}
+
+prepare() {
+    for tool in jq python3 node timeout; do
+        command -v "$tool" >/dev/null || { log "$tool is required"; exit 1; }
+    done
+    if [[ $SKIP_BUILD != 1 ]]; then
+        log "building release binaries"
+        (cd "$root" && cargo build --release -p nexus-node -p nexus-loadtest -p nexus-yardstick)
+    fi
+    if [[ ! -d $here/node-reference/node_modules ]]; then
+        (cd "$here/node-reference" && npm ci --no-audit --no-fund)
+    fi
+    # Many client and server sockets: raise the open-file limit as far as allowed.
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    mkdir -p "$OUT/logs"
+    log "writing to $OUT"
+}
+
+main() {
+    prepare
+    local round name broker redis_pid=""
+    if [[ " $CASES " == *" cluster "* ]] && command -v redis-server >/dev/null; then
+        start_redis
+    fi
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for name in $CASES; do
+            for broker in $BROKERS; do
+                applies "$broker" "$name" || continue
+                run_one "$round" "$name" "$broker"
+            done
+        done
+    done
+    [[ -n $redis_pid ]] && stop "$redis_pid"
+
+    python3 "$here/compare_table.py" "$OUT/results.jsonl" >"$OUT/results.md"
+    for name in $CASES; do
+        jq -c --arg case "$name" 'select(.case == $case and .latency_us != null)' \
+            "$OUT/results.jsonl" >"$OUT/$name.jsonl"
+        if [[ -s $OUT/$name.jsonl ]]; then
+            "$loadtest" plot --input "$OUT/$name.jsonl" --output "$OUT/latency-$name.svg" \
+                --title "End-to-end latency, $name" || log "plot of $name failed"
+        fi
+    done
+    cat "$OUT/results.md"
+    log "results in $OUT"
+}
+
+main "$@"
