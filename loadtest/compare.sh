@@ -243,6 +243,72 @@ start_redis() {
     wait_for_port "$REDIS_PORT"
 }
 
+# Prints one Markdown table from the result lines: per case and broker, the
+# median over the rounds of each measure.
+write_table() {
+    python3 - "$1" <<'PYTHON'
+import json, statistics, sys
+from collections import OrderedDict
+
+runs = OrderedDict()
+with open(sys.argv[1]) as lines:
+    for line in lines:
+        run = json.loads(line)
+        runs.setdefault((run["case"], run["broker"]), []).append(run)
+
+def get(run, *path):
+    for key in path:
+        if not isinstance(run, dict) or run.get(key) is None:
+            return None
+        run = run[key]
+    return run
+
+def median(group, *path):
+    values = [get(run, *path) for run in group if run.get("exit") == 0]
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None
+
+def fmt(value, scale=1.0, digits=0):
+    return "–" if value is None else f"{value * scale:,.{digits}f}"
+
+columns = ["case", "broker", "ok runs", "deliveries/s (min–max)", "p50 ms", "p99 ms",
+           "p99.9 ms", "lost", "broker CPU cores", "deliveries per CPU-s",
+           "% of yardstick", "connects/s", "RSS B/conn", "storm all back s", "notes"]
+print("| " + " | ".join(columns) + " |")
+print("|" + "---|" * len(columns))
+for (case, broker), group in runs.items():
+    good = [run for run in group if run.get("exit") == 0]
+    rates = [run["deliveries_per_s"] for run in good if run.get("deliveries_per_s")]
+    rate = statistics.median(rates) if rates else None
+    spread = f" ({min(rates):,.0f}–{max(rates):,.0f})" if len(rates) > 1 else ""
+    yardstick = runs.get((case, "yardstick"), [])
+    yard_rates = [run["deliveries_per_s"] for run in yardstick
+                  if run.get("exit") == 0 and run.get("deliveries_per_s")]
+    share = None
+    if rate and yard_rates:
+        share = 100 * rate / statistics.median(yard_rates)
+    notes = []
+    if len(good) < len(group):
+        notes.append(f"{len(group) - len(good)} failed")
+    if any(run.get("generator_saturated") for run in good):
+        notes.append("generator saturated")
+    cells = [case, broker, f"{len(good)}/{len(group)}",
+             fmt(rate) + spread if rate else "–",
+             fmt(median(good, "latency_us", "p50"), 1e-3, 2),
+             fmt(median(good, "latency_us", "p99"), 1e-3, 2),
+             fmt(median(good, "latency_us", "p99_9"), 1e-3, 2),
+             fmt(median(good, "lost")),
+             fmt(median(good, "node", "cores"), 1, 2),
+             fmt(median(good, "node", "deliveries_per_cpu_s")),
+             fmt(share, 1, 1),
+             fmt(median(good, "connections", "connect_rate_per_s")),
+             fmt(median(good, "connections", "rss_bytes_per_connection")),
+             fmt(median(good, "storm", "all_back_s"), 1, 2),
+             ", ".join(notes)]
+    print("| " + " | ".join(cells) + " |")
+PYTHON
+}
+
 prepare() {
     for tool in jq python3 node timeout; do
         command -v "$tool" >/dev/null || { log "$tool is required"; exit 1; }
@@ -276,7 +342,7 @@ main() {
     done
     [[ -n $redis_pid ]] && stop "$redis_pid"
 
-    python3 "$here/compare_table.py" "$OUT/results.jsonl" >"$OUT/results.md"
+    write_table "$OUT/results.jsonl" >"$OUT/results.md"
     for name in $CASES; do
         jq -c --arg case "$name" 'select(.case == $case and .latency_us != null)' \
             "$OUT/results.jsonl" >"$OUT/$name.jsonl"

@@ -60,7 +60,7 @@ install_python_packages() {
         return
     fi
     local flags=(--disable-pip-version-check --root-user-action=ignore -q)
-    # Debian's own Python refuses pip installs unless told (PEP 668).
+    # Debian's own Python rejects pip installs without this flag (PEP 668).
     if python3 -c 'import sys, sysconfig, os; sys.exit(not os.path.exists(
             os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
         flags+=(--break-system-packages)
@@ -91,5 +91,5 @@ cargo fmt --all --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
-log "cargo test --workspace"
-timeout --kill-after=30s "$TEST_TIMEOUT" cargo test --workspace
+log "cargo test --workspace --no-fail-fast"
+timeout --kill-after=30s "$TEST_TIMEOUT" cargo test --workspace --no-fail-fast

@@ -38,11 +38,13 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let log = core.log.new(o!("remote_addr" => remote));
 
-    let handshake = glommio::timer::timeout(HANDSHAKE_TIMEOUT, async {
+    // The handshake and close futures are boxed: they are large, short-lived, and would
+    // otherwise widen the task of every idle connection for its whole life.
+    let handshake = Box::pin(glommio::timer::timeout(HANDSHAKE_TIMEOUT, async {
         Ok(handshake(&core, &mut stream).await)
-    });
-    let leftover = match handshake.await {
-        Ok(Ok(Some(leftover))) => leftover,
+    }));
+    let (accept_key, leftover) = match handshake.await {
+        Ok(Ok(Some(upgrade))) => upgrade,
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
             trace!(log, "handshake failed"; "error" => %error);
@@ -55,12 +57,18 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         }
     };
 
+    // The connection counts against max_connections before the upgrade is accepted.
     let Some(conn) = core.register(stream.as_raw_fd()) else {
-        let body = "node is at max_connections; retry later or connect to another node\n";
+        let body = "node is at max_connections or shutting down; retry later or connect to another node\n";
         let response = http::response(503, "text/plain", body, "Retry-After: 1\r\n");
         let _ = stream.write_all(&response).await;
         return;
     };
+    if let Err(error) = stream.write_all(&http::upgrade_response(&accept_key)).await {
+        trace!(log, "handshake failed"; "error" => %error);
+        core.unregister(&conn);
+        return;
+    }
     let log = log.new(o!("conn_id" => conn.id));
     debug!(log, "connection opened");
 
@@ -71,14 +79,14 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         reader: Reader::new(leftover),
     };
     let ending = session.run(&log).await;
-    let (code, reason) = session.finish(ending, &log).await;
+    let (code, reason) = Box::pin(session.finish(ending, &log)).await;
     core.unregister(&conn);
     debug!(log, "connection closed"; "reason" => reason, "close_code" => code);
 }
 
-/// Reads and answers the HTTP request; returns the bytes after an accepted upgrade's head, or
-/// `None` when the request was answered with plain HTTP.
-async fn handshake(core: &Core, stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+/// Reads the HTTP request and answers it unless it is an upgrade. Returns an upgrade's accept
+/// key and the bytes after its head, or `None` when the request was answered with plain HTTP.
+async fn handshake(core: &Core, stream: &mut TcpStream) -> io::Result<Option<(String, Vec<u8>)>> {
     // Both buffers live on the heap and are freed after the handshake, so that the connection's
     // long-lived task state stays small.
     let mut head = Vec::with_capacity(512);
@@ -95,25 +103,8 @@ async fn handshake(core: &Core, stream: &mut TcpStream) -> io::Result<Option<Vec
                 accept_key,
                 head_len,
             } => {
-                if core
-                    .node
-                    .shutting_down
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                {
-                    let response = http::response(
-                        503,
-                        "text/plain",
-                        "node shutting down\n",
-                        "Retry-After: 1\r\n",
-                    );
-                    stream.write_all(&response).await?;
-                    return Ok(None);
-                }
-                stream
-                    .write_all(&http::upgrade_response(&accept_key))
-                    .await?;
                 head.drain(..head_len);
-                return Ok(Some(head));
+                return Ok(Some((accept_key, head)));
             }
             Request::Health => {
                 let body = crate::health::report(core);
@@ -276,7 +267,7 @@ impl Session {
                 // RFC 6455 7.1.1: the server closes TCP after the close handshake; give the
                 // client a moment to answer, reading and discarding what it still sends.
                 let _ = self.stream.shutdown(std::net::Shutdown::Write).await;
-                let mut sink = [0u8; 512];
+                let mut sink = vec![0u8; 512];
                 while Instant::now() < deadline {
                     match self.stream.read(&mut sink).await {
                         Ok(0) | Err(_) => break,
@@ -305,3 +296,4 @@ impl Session {
         }
     }
 }
+

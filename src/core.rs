@@ -238,7 +238,8 @@ impl Core {
     pub fn register(&self, fd: RawFd) -> Option<Rc<Conn>> {
         let max = self.config().max_connections;
         let previous = self.node.connections.fetch_add(1, Ordering::Relaxed);
-        if previous >= max || self.stopping.get() {
+        let stopping = self.stopping.get() || self.node.shutting_down.load(Ordering::Relaxed);
+        if previous >= max || stopping {
             self.node.connections.fetch_sub(1, Ordering::Relaxed);
             return None;
         }

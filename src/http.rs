@@ -43,6 +43,10 @@ pub fn parse(buf: &[u8]) -> Request {
     if request.method != Some("GET") {
         return reject(405, "only GET is served");
     }
+    // RFC 6455 4.1: the opening handshake is an HTTP/1.1 (or later) GET request.
+    if request.version != Some(1) {
+        return reject(400, "HTTP/1.1 is required");
+    }
     let header = |name: &str| {
         request
             .headers
@@ -99,6 +103,12 @@ pub fn upgrade_response(accept_key: &str) -> Vec<u8> {
 
 /// Returns a complete response with a body; the connection closes after it.
 pub fn response(status: u16, content_type: &str, body: &str, extra_headers: &str) -> Vec<u8> {
+    // RFC 6455 4.4: a version the server does not speak is answered with the versions it does.
+    let version = if status == 426 {
+        "Sec-WebSocket-Version: 13\r\n"
+    } else {
+        ""
+    };
     let text = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -112,7 +122,7 @@ pub fn response(status: u16, content_type: &str, body: &str, extra_headers: &str
     };
     format!(
         "HTTP/1.1 {status} {text}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n{extra_headers}\r\n{body}",
+         Connection: close\r\n{version}{extra_headers}\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -149,6 +159,7 @@ mod tests {
             ("GET / HTTP/1.1\r\n\r\n", 404),
             ("POST / HTTP/1.1\r\n\r\n", 405),
             ("GARBAGE\r\n\r\n", 400),
+            ("GET / HTTP/1.0\r\nUpgrade: websocket\r\n\r\n", 400),
             (
                 "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
                 426,

@@ -224,6 +224,7 @@ fn subscribe(request: &Request<'_>, core: &Core, conn: &Rc<Conn>) -> Outcome {
 
 fn unsubscribe(request: &Request<'_>, core: &Core, conn: &Rc<Conn>) -> Outcome {
     let pattern = required_topic(request)?;
+    topic::validate_pattern(pattern, core.config().max_topic_length).map_err(topic_error)?;
     let position = conn.patterns.borrow().iter().position(|p| &**p == pattern);
     let Some(position) = position else {
         return Err((

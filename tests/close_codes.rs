@@ -1,5 +1,5 @@
-//! WebSocket protocol violations and the close code the node answers each with (RFC 6455
-//! section 7.4.1 and the close code table of docs/protocol.md).
+//! WebSocket protocol violations and the close code the node sends for each (RFC 6455 section
+//! 7.4.1 and the close code table of docs/protocol.md).
 //!
 //! Each case runs on a raw connection while a bystander connection stays open; afterwards the
 //! bystander must still receive publishes and a new connection must work, so no input can
@@ -30,7 +30,7 @@ fn assert_closes_on(node: &Node, frames: &[OutFrame], code: u16) {
     raw.expect_close(code);
 }
 
-/// A PING request padded with spaces to exactly `len` bytes.
+/// Builds a PING request padded with spaces to exactly `len` bytes.
 fn padded_ping(len: usize) -> Vec<u8> {
     let mut text = br#"{"action":"PING","id":"big"}"#.to_vec();
     text.resize(len, b' ');

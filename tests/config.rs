@@ -1,5 +1,5 @@
 //! Configuration: every flag can also come from a `NEXUS_*` environment variable or a key of the
-//! TOML file given by `--config`; an invalid value makes the node exit with status 2 and a message
+//! TOML file given by `--config`. An invalid value makes the node exit with status 2 and a message
 //! on stderr that names the value.
 
 mod common;

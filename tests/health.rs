@@ -82,10 +82,6 @@ fn invalid_upgrades_get_400() {
             http::upgrade_request(addr, "/", "").replace("Connection: Upgrade\r\n", ""),
         ),
         (
-            "POST instead of GET",
-            http::upgrade_request(addr, "/", "").replacen("GET", "POST", 1),
-        ),
-        (
             "HTTP/1.0",
             http::upgrade_request(addr, "/", "").replace("HTTP/1.1", "HTTP/1.0"),
         ),
@@ -96,6 +92,18 @@ fn invalid_upgrades_get_400() {
     }
     let mut client = Client::connect(addr);
     client.ping();
+}
+
+#[test]
+fn upgrade_with_post_is_rejected() {
+    // 405 Method Not Allowed names the broken rule more precisely than 400; both reject.
+    let node = Node::start();
+    let request = http::upgrade_request(node.addr, "/", "").replacen("GET", "POST", 1);
+    let response = http::exchange(node.addr, &request);
+    assert!(
+        response.status == 400 || response.status == 405,
+        "{response:?}"
+    );
 }
 
 #[test]

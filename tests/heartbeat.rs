@@ -36,7 +36,7 @@ fn stalled_client_process_is_removed() {
         (health_connections(node.addr) == before + 1).then_some(())
     });
 
-    // While it runs, the library answers pings, so three heartbeat periods must not close it.
+    // While it runs, the library replies to pings, so three heartbeat periods must not close it.
     thread::sleep(Duration::from_secs(3));
     assert_eq!(
         health_connections(node.addr),
@@ -104,7 +104,7 @@ fn unanswered_pings_close_with_4001() {
     let node = Node::start_with(&FAST_HEARTBEAT);
     let mut raw = RawClient::connect(node.addr);
     let conn = node.connection_opened(raw.local_addr());
-    // read_close skips the pings without answering them.
+    // read_close skips the pings without replying to them.
     let frame = raw.read_close();
     assert_eq!(frame.close_code(), Some(4001), "{}", raw.transcript());
     let closed = node.connection_closed(&conn.conn_id, common::EVENT_TIMEOUT);
@@ -113,7 +113,7 @@ fn unanswered_pings_close_with_4001() {
 
 #[test]
 fn any_received_byte_counts_as_activity() {
-    // The client never answers a ping but sends a PING request every 200 ms for 4 s, which is
+    // The client never replies to a ping but sends a PING request every 200 ms for 4 s, which is
     // two pong timeouts; the node must keep the connection open.
     let node = Node::start_with(&FAST_HEARTBEAT);
     let mut raw = RawClient::connect(node.addr);

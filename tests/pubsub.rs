@@ -140,7 +140,7 @@ fn publish_without_id_gets_no_reply() {
     let node = Node::start();
     let mut client = Client::connect(node.addr);
     client.publish_no_ack("quiet", "1");
-    // PING is answered in order, so a reply to the PUBLISH would arrive before the pong.
+    // Replies are sent in request order, so a reply to the PUBLISH would arrive before the pong.
     let reply = client.request(r#"{"action":"PING","id":"after"}"#);
     assert_eq!(reply["type"], "pong", "first frame after PUBLISH: {reply}");
     assert_eq!(reply["id"], "after", "{reply}");
@@ -221,10 +221,10 @@ fn overlapping_patterns_deliver_once() {
 #[test]
 fn closed_subscriber_does_not_disturb_publish() {
     let mut node = Node::start();
-    let mut gone = Client::connect(node.addr);
-    gone.subscribe("topic");
-    let conn = node.connection_opened(gone.local_addr);
-    gone.close();
+    let mut departed = Client::connect(node.addr);
+    departed.subscribe("topic");
+    let conn = node.connection_opened(departed.local_addr);
+    departed.close();
     node.connection_closed(&conn.conn_id, common::EVENT_TIMEOUT);
 
     let mut publisher = Client::connect(node.addr);

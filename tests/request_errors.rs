@@ -10,7 +10,7 @@ use common::client::Client;
 use common::Node;
 use serde_json::{json, Value};
 
-/// Sends each request, asserts the error frame and that the connection still answers PING.
+/// Sends each request, asserts the error frame and that the connection still replies to PING.
 fn assert_errors(client: &mut Client, code: &str, cases: &[(&str, Option<Value>)]) {
     for (request, id) in cases {
         client.expect_error(request, code, id.clone());
@@ -63,7 +63,7 @@ fn invalid_request_for_wrong_types() {
 fn missing_action_is_invalid_request() {
     let node = Node::start();
     let mut client = Client::connect(node.addr);
-    // Without `action` the request matches none of the four; either code tells the client to
+    // A request without `action` matches none of the four actions. Both codes ask the client to
     // fix the request, so both are accepted.
     let reply = client.request(r#"{"topic":"t","id":3}"#);
     assert_eq!(reply["type"], "error", "{reply}");

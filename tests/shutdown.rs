@@ -44,7 +44,7 @@ fn assert_stops_cleanly(signal: i32) {
     node.wait_for_log("\"node stopped\"", common::EVENT_TIMEOUT, |l| {
         l["msg"] == "node stopped"
     });
-    // Every client answered the close at once, so the node need not wait for the drain timeout.
+    // Every client replied to the close at once, so the node need not wait for the drain timeout.
     assert!(
         elapsed < Duration::from_secs(3),
         "cooperative clients, yet the node exited {elapsed:?} after the signal"
@@ -64,7 +64,7 @@ fn sigint_closes_clients_with_1001() {
 #[test]
 fn unresponsive_client_bounded_by_drain_timeout() {
     let mut node = Node::start_with(&[("--drain-timeout", "2s")]);
-    // The raw client reads the close frame but never answers it.
+    // The raw client reads the close frame but never replies to it.
     let mut raw = RawClient::connect(node.addr);
     let signalled_at = Instant::now();
     node.signal(libc::SIGTERM);

@@ -120,8 +120,9 @@ fn spawn_fast_reader(
     })
 }
 
-/// Reads what the stalled subscriber still has buffered; returns the number of deliveries and
-/// the close code, if a close frame made it through before the node dropped the connection.
+/// Reads what the stalled subscriber still has buffered and returns the number of deliveries.
+/// The close code is returned too when a close frame got through before the node dropped the
+/// connection.
 fn drain_stalled(stalled: &mut Client) -> (u64, Option<u16>) {
     let mut delivered = 0;
     let deadline = Instant::now() + Duration::from_secs(30);

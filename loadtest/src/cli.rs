@@ -513,7 +513,7 @@ fn check_topic_prefix(prefix: &str) -> Result<(), String> {
 /// Returns a random 8-hex-digit id from the clock and the process id.
 fn new_run_id() -> String {
     let seed = crate::procfs::now_ns() as u64 ^ (u64::from(std::process::id()) << 32);
-    let mut source = crate::ws::MaskSource::new(seed);
+    let mut source = crate::frame::MaskSource::new(seed);
     format!("{:08x}", source.next_u64() as u32)
 }
 

@@ -202,13 +202,17 @@ fn spawn_worker(
         .map_err(|error| format!("cannot start worker process {index}: {error}"))?;
     let stdout = child.stdout.take().ok_or("worker stdout is missing")?;
     std::thread::spawn(move || {
+        let mut finished = false;
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
+            finished = line.starts_with("result ") || line.starts_with("error ");
             if lines.send((index as usize, line)).is_err() {
                 return;
             }
         }
-        let _ = lines.send((index as usize, "ended without a result".to_string()));
+        if !finished {
+            let _ = lines.send((index as usize, "ended without a result".to_string()));
+        }
     });
     Ok(WorkerProcess {
         stdin: child.stdin.take(),

@@ -23,7 +23,8 @@ use crate::pusher::{App, HttpPublisher};
 use crate::report::add_to_bucket;
 use crate::shard::Shard;
 use crate::subscriber::error_code;
-use crate::ws::{self, Event, FrameReader, MaskSource, WsUrl};
+use crate::frame::{self, Event, FrameReader, MaskSource};
+use crate::ws::{self, WsUrl};
 
 /// Maximum messages written in one batch.
 const MAX_BATCH: u64 = 256;
@@ -250,7 +251,7 @@ impl Client {
             Conn::Nexus(conn) => {
                 let _ = conn.poll(shard).await;
                 let mut close = Vec::new();
-                ws::write_frame(&mut close, ws::OPCODE_CLOSE, &1000u16.to_be_bytes(), conn.masks.next_mask());
+                frame::write_frame(&mut close, frame::OPCODE_CLOSE, &1000u16.to_be_bytes(), conn.masks.next_mask());
                 let _ = conn.stream.write_all(&close).await;
             }
             Conn::Pusher(http) => {
@@ -311,7 +312,7 @@ impl WsConn {
     fn write_publish(&mut self, out: &mut Vec<u8>, topic: &str, stamp: &Stamp, size: usize) {
         self.scratch.clear();
         write_publish(&mut self.scratch, topic, stamp, size);
-        ws::write_frame(out, ws::OPCODE_TEXT, &self.scratch, self.masks.next_mask());
+        frame::write_frame(out, frame::OPCODE_TEXT, &self.scratch, self.masks.next_mask());
     }
 
     /// Reads what is available: counts error replies, answers pings.
@@ -339,7 +340,7 @@ impl WsConn {
                     report.count_error(&format!("publish:{}", error_code(text)));
                 }
             }
-            Event::Ping(payload) => ws::write_frame(replies, ws::OPCODE_PONG, payload, masks.next_mask()),
+            Event::Ping(payload) => frame::write_frame(replies, frame::OPCODE_PONG, payload, masks.next_mask()),
             Event::Close(_) => closed = true,
             Event::Binary(_) | Event::Pong => {}
         });

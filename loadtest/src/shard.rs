@@ -222,6 +222,9 @@ async fn setup(
     let config = &shard.config;
     let placement = &config.placement;
     let local = placement.local_subscribers(shard.index);
+    if config.scenario == Scenario::Storm {
+        shard.report.borrow_mut().storm.clients = local.len() as u64;
+    }
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let subscribers: Vec<JoinHandle<()>> = local
         .iter()

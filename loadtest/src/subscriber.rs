@@ -16,11 +16,13 @@ use tokio::time::{sleep, sleep_until, timeout};
 
 use crate::cli::{Protocol, RunConfig, Scenario};
 use crate::payload::{Stamp, PUSHER_EVENT};
+use crate::placement::TopicCycle;
 use crate::procfs::now_ns;
 use crate::report::{add_to_bucket, Counts};
 use crate::shard::{Phase, Shard};
 use crate::track::{Arrival, SeqTrack};
-use crate::ws::{self, ConnectError, Event, FrameReader, MaskSource, WsUrl};
+use crate::frame::{self, Event, FrameError, FrameReader, MaskSource};
+use crate::ws::{self, ConnectError, WsUrl};
 
 /// Connection attempts per subscriber during setup.
 const SETUP_ATTEMPTS: u32 = 3;
@@ -40,9 +42,9 @@ pub struct SubSpec {
     pub topic_name: String,
     pub first_sender: u32,
     pub senders: u32,
-    /// Topics per sender, to turn a publisher's counter into the position
-    /// on this topic.
-    pub cycle_count: u64,
+    /// Topics of the senders, to turn a publisher's counter into the
+    /// position on this topic.
+    pub cycle: TopicCycle,
 }
 
 impl SubSpec {
@@ -59,11 +61,7 @@ impl SubSpec {
         };
         let topic = placement.subscriber_topic(index);
         let (first_sender, senders) = placement.senders_of(index);
-        let cycle_count = if placement.publishers > 0 && senders > 0 {
-            u64::from(placement.publisher_topics(first_sender).count)
-        } else {
-            1
-        };
+        let cycle = placement.publisher_topics(first_sender);
         SubSpec {
             index,
             url,
@@ -72,7 +70,7 @@ impl SubSpec {
             topic_name: config.topic_name(topic),
             first_sender,
             senders,
-            cycle_count,
+            cycle,
         }
     }
 }
@@ -90,7 +88,7 @@ struct State {
     protocol: Protocol,
     tracks: Vec<SeqTrack>,
     first_sender: u32,
-    cycle_count: u64,
+    cycle: TopicCycle,
     counts: Counts,
     /// Deliveries in the current read.
     batch: u64,
@@ -155,7 +153,7 @@ impl Subscriber {
                 protocol: shard.config.common.protocol,
                 tracks: vec![SeqTrack::default(); spec.senders as usize],
                 first_sender: spec.first_sender,
-                cycle_count: spec.cycle_count.max(1),
+                cycle: spec.cycle,
                 counts: Counts::default(),
                 batch: 0,
                 established: false,
@@ -175,8 +173,9 @@ impl Subscriber {
     async fn open_for_setup(&mut self) -> Result<TcpStream, String> {
         let mut attempt = 1;
         loop {
-            let permit = self.shard.connect_slots.acquire().await;
-            self.shard.pace_connect().await;
+            let shard = self.shard.clone();
+            let permit = shard.connect_slots.acquire().await;
+            shard.pace_connect().await;
             let result = self.open_measured().await;
             drop(permit);
             match result {
@@ -252,7 +251,7 @@ impl Subscriber {
             }
             if !sent && (self.state.protocol == Protocol::Nexus || self.state.established) {
                 let request = subscribe_request(self.state.protocol, &self.spec);
-                self.state.queue(ws::OPCODE_TEXT, request.as_bytes());
+                self.state.queue(frame::OPCODE_TEXT, request.as_bytes());
                 sent = true;
             }
             self.write_replies(stream).await.map_err(|error| error.to_string())?;
@@ -310,7 +309,7 @@ impl Subscriber {
     }
 
     /// Handles every complete message in the buffer.
-    fn process(&mut self, now_ns: i64) -> Result<(), ws::FrameError> {
+    fn process(&mut self, now_ns: i64) -> Result<(), FrameError> {
         let Subscriber {
             shard,
             reader,
@@ -434,7 +433,7 @@ impl State {
     /// Frames a message for the server and queues it.
     fn queue(&mut self, opcode: u8, payload: &[u8]) {
         let mask = self.masks.next_mask();
-        ws::write_frame(&mut self.replies, opcode, payload, mask);
+        frame::write_frame(&mut self.replies, opcode, payload, mask);
     }
 
     fn on_event(&mut self, shard: &Shard, event: Event<'_>, now_ns: i64, measure_start_ns: i64) {
@@ -444,11 +443,11 @@ impl State {
                 None => self.on_control(shard, text),
             },
             Event::Binary(_) => self.counts.unparsed += 1,
-            Event::Ping(payload) => self.queue(ws::OPCODE_PONG, payload),
+            Event::Ping(payload) => self.queue(frame::OPCODE_PONG, payload),
             Event::Pong => {}
             Event::Close(code) => {
                 let echo = code.map(u16::to_be_bytes);
-                self.queue(ws::OPCODE_CLOSE, echo.as_ref().map_or(&[][..], |code| &code[..]));
+                self.queue(frame::OPCODE_CLOSE, echo.as_ref().map_or(&[][..], |code| &code[..]));
                 self.closed = Some(code);
             }
         }
@@ -460,7 +459,7 @@ impl State {
         self.batch += 1;
         let slot = stamp.publisher.wrapping_sub(self.first_sender) as usize;
         match self.tracks.get_mut(slot) {
-            Some(track) => match track.observe(stamp.seq / self.cycle_count) {
+            Some(track) => match track.observe(self.cycle.topic_seq(stamp.seq)) {
                 Arrival::InOrder => {}
                 Arrival::Duplicate => self.counts.duplicated += 1,
                 Arrival::Late => self.counts.out_of_order += 1,
@@ -490,7 +489,7 @@ impl State {
                     return;
                 }
                 if has("pusher:ping") {
-                    self.queue(ws::OPCODE_TEXT, br#"{"event":"pusher:pong","data":{}}"#);
+                    self.queue(frame::OPCODE_TEXT, br#"{"event":"pusher:pong","data":{}}"#);
                     return;
                 }
                 (

@@ -112,12 +112,16 @@ fn write_node(out: &mut String, report: &Report) {
             optional(pid.cpu_s, "s", 2)
         );
     }
-    if let Some(per_cpu) = report.node.deliveries_per_cpu_s {
-        let _ = writeln!(
-            out,
-            "  node: {:.2} cores, {per_cpu:.0} deliveries per CPU-second",
-            report.node.cores.unwrap_or(0.0)
-        );
+    let Some(cores) = report.node.cores else {
+        return;
+    };
+    match report.node.deliveries_per_cpu_s.filter(|per_cpu| *per_cpu > 0.0) {
+        Some(per_cpu) => {
+            let _ = writeln!(out, "  node: {cores:.2} cores, {per_cpu:.0} deliveries per CPU-second");
+        }
+        None => {
+            let _ = writeln!(out, "  node: {cores:.2} cores");
+        }
     }
 }
 

@@ -25,7 +25,7 @@ pub enum Incoming {
 
 /// A connected WebSocket client.
 ///
-/// Replies are matched to requests by `id`; deliveries that arrive while a reply is awaited are
+/// Replies are matched to requests by `id`. Deliveries that arrive while a reply is awaited are
 /// kept and returned by the next [`Client::recv`].
 pub struct Client {
     ws: WebSocket<TcpStream>,
@@ -88,7 +88,7 @@ impl Client {
             .unwrap_or_else(|e| panic!("sending a binary message failed: {e}"));
     }
 
-    /// Queues one text message without flushing; [`Client::flush`] sends the queue.
+    /// Queues one text message without flushing. [`Client::flush`] sends the queue.
     pub fn write_text(&mut self, text: &str) {
         self.ws
             .write(Message::text(text))
@@ -103,8 +103,8 @@ impl Client {
 
     /// Reads the next text message, close frame or end of connection, waiting up to `timeout`.
     ///
-    /// Pings and pongs are skipped (tungstenite answers pings by itself); a binary message
-    /// panics, since the node sends only text.
+    /// Pings and pongs are skipped because tungstenite replies to pings by itself. A binary
+    /// message panics, since the node sends only text.
     pub fn read_incoming(&mut self, timeout: Duration) -> Incoming {
         let deadline = Instant::now() + timeout;
         loop {

@@ -77,8 +77,8 @@ pub fn read_head(stream: &mut TcpStream) -> Result<(Response, Vec<u8>), String> 
 
 /// Sends `request` (the bytes exactly) and reads the response.
 ///
-/// The body is read by Content-Length, or until the node closes the connection (at most 2 s
-/// after the head) when there is none; a 101 response has no body.
+/// The body is read by Content-Length. Without that header it is read until the node closes
+/// the connection, for at most 2 s after the head. A 101 response has no body.
 pub fn exchange(addr: SocketAddr, request: &str) -> Response {
     let mut stream = TcpStream::connect_timeout(&addr, EVENT_TIMEOUT)
         .unwrap_or_else(|e| panic!("TCP connect to {addr} failed: {e}"));

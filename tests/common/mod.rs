@@ -407,7 +407,7 @@ pub struct PlacedClient {
     pub conn: ConnInfo,
 }
 
-/// Opens connections until each of the node's cores holds `per_core` of them.
+/// Opens connections until each of the node's cores has `per_core` of them.
 ///
 /// The kernel or the node picks the core of each connection, so this keeps opening connections
 /// (at most 64) and closes those that land on a core that already has enough.

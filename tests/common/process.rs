@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 /// Spawns `command` so that the kernel kills it if the test process dies first.
 ///
 /// NOTE: PR_SET_PDEATHSIG fires when the spawning thread exits, so a child must not outlive the
-/// test thread that spawned it; every helper here kills its child before returning or on drop.
+/// test thread that spawned it. Every helper here kills its child before returning or on drop.
 pub fn spawn(command: &mut Command) -> Child {
     // SAFETY: the closure runs between fork and exec and calls only prctl(2), which is
     // async-signal-safe.
@@ -159,8 +159,8 @@ impl Script {
         assert_eq!(result, 0, "kill({}, {signal}) failed", self.pid());
     }
 
-    /// Waits up to `timeout` for the script to exit and returns its status and all its output;
-    /// kills it at the deadline (the status then shows the signal).
+    /// Waits up to `timeout` for the script to exit and returns its status and all its output.
+    /// At the deadline it kills the script and returns None as the status.
     pub fn wait(mut self, timeout: Duration) -> (Option<ExitStatus>, String) {
         let status = wait_with_deadline(&mut self.child, timeout);
         (status, self.finish())

@@ -40,7 +40,7 @@ pub struct OutFrame {
 }
 
 impl OutFrame {
-    /// A final, masked frame with no reserved bits.
+    /// Builds a final, masked frame with no reserved bits.
     pub fn new(opcode: u8, payload: impl Into<Vec<u8>>) -> OutFrame {
         OutFrame {
             fin: true,
@@ -67,7 +67,7 @@ impl OutFrame {
         Self::new(opcode::PING, payload)
     }
 
-    /// A close frame whose payload is the 2-byte `code` followed by `reason`.
+    /// Builds a close frame whose payload is the 2-byte `code` followed by `reason`.
     pub fn close(code: u16, reason: &[u8]) -> OutFrame {
         let mut payload = code.to_be_bytes().to_vec();
         payload.extend_from_slice(reason);
@@ -230,7 +230,7 @@ impl RawClient {
         }
     }
 
-    /// The client's local address, which the node logs as `remote_addr`.
+    /// Returns the client's local address, which the node logs as `remote_addr`.
     pub fn local_addr(&self) -> SocketAddr {
         self.stream.local_addr().expect("local_addr")
     }
@@ -297,7 +297,7 @@ impl RawClient {
         }
     }
 
-    /// Removes one whole frame from the buffer, if the buffer holds one.
+    /// Removes one whole frame from the buffer, if the buffer contains one.
     fn parse_buffered(&mut self) -> Option<InFrame> {
         let buffer = &self.buffer;
         let [first, second, ..] = buffer[..] else {
@@ -353,8 +353,8 @@ impl RawClient {
         }
     }
 
-    /// Asserts that the node sends a close frame with `code`, answers it with the same code as
-    /// a client should, and asserts that the node then closes the TCP connection.
+    /// Asserts that the node sends a close frame with `code`, replies with the same code as a
+    /// client should, and asserts that the node then closes the TCP connection.
     pub fn expect_close(&mut self, code: u16) {
         let frame = self.read_close();
         assert_eq!(
@@ -389,7 +389,7 @@ impl RawClient {
         }
     }
 
-    /// Every frame sent and received so far, one per line.
+    /// Formats every frame sent and received so far, one per line.
     pub fn transcript(&self) -> String {
         format!("--- transcript ---\n{}", self.transcript.join("\n"))
     }

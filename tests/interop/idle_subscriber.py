@@ -3,8 +3,8 @@
 Usage: python3 idle_subscriber.py ws://127.0.0.1:PORT/ TOPIC
 
 The heartbeat test stops this process with SIGSTOP, so the node's pings go unanswered.
-The library answers pings by itself while the process runs; its own pings are turned off so that
-only the node's heartbeat is exercised.
+The library replies to pings by itself while the process runs. Its own pings are turned off so
+that only the node's heartbeat is exercised.
 """
 
 import asyncio
