@@ -28,7 +28,10 @@ SKIP_BUILD=${SKIP_BUILD:-0}
 THREADS=${THREADS:-1}
 
 FANOUT_SUBSCRIBERS=${FANOUT_SUBSCRIBERS:-500}
-FANOUT_RATE=${FANOUT_RATE:-200}
+# Messages in flight (published, not yet at every subscriber) in the throughput case.
+FANOUT_IN_FLIGHT=${FANOUT_IN_FLIGHT:-100}
+# Messages per second in the fixed-load case (times FANOUT_SUBSCRIBERS deliveries).
+FANOUT_RATE=${FANOUT_RATE:-100}
 TOPICS_SUBSCRIBERS=${TOPICS_SUBSCRIBERS:-1000}
 TOPICS_PUBLISHERS=${TOPICS_PUBLISHERS:-4}
 CONNECTIONS=${CONNECTIONS:-10000}
@@ -162,11 +165,12 @@ case_args() {
     case $1 in
     fanout)
         # As fast as the in-flight window allows: the throughput ceiling.
-        printf '%s\n' fanout --subscribers "$FANOUT_SUBSCRIBERS" --publishers 1
+        printf '%s\n' fanout --subscribers "$FANOUT_SUBSCRIBERS" --publishers 1 \
+            --in-flight "$FANOUT_IN_FLIGHT"
         ;;
     fanout_rate)
         # A fixed load every broker should carry: latency at equal work.
-        printf '%s\n' fanout --subscribers "$FANOUT_SUBSCRIBERS" --publishers 2 --rate "$FANOUT_RATE"
+        printf '%s\n' fanout --subscribers "$FANOUT_SUBSCRIBERS" --publishers 1 --rate "$FANOUT_RATE"
         ;;
     topics)
         printf '%s\n' topics --subscribers "$TOPICS_SUBSCRIBERS" --publishers "$TOPICS_PUBLISHERS"

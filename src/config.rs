@@ -71,9 +71,30 @@ pub struct Args {
     #[arg(long, env = "NEXUS_NODE_ID", value_name = "ID")]
     pub node_id: Option<String>,
 
-    /// Redis URL (redis://host:port) that makes this node a cluster member [default: none, single node]
+    /// Redis URL that makes this node a cluster member: redis://[user:password@]host[:port][/db]
+    /// for one Redis server, or redis+cluster://[user:password@]host:port[,host:port...] for the
+    /// seed nodes of a Redis Cluster (sharded pub/sub, Redis 7 or later) [default: none, single node]
     #[arg(long = "redis", env = "NEXUS_REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
+
+    /// Prefix of every Redis channel and key this node uses; nodes with the same prefix form one
+    /// cluster [default: nexus:]
+    #[arg(long, env = "NEXUS_REDIS_PREFIX", value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
+
+    /// Time between PINGs on each Redis pub/sub connection [default: 1s]
+    #[arg(long, env = "NEXUS_REDIS_PING_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub redis_ping_interval: Option<Duration>,
+
+    /// Time allowed to connect to Redis and for Redis to answer a command or PING before the
+    /// connection counts as dead and is reopened [default: 3s]
+    #[arg(long, env = "NEXUS_REDIS_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub redis_timeout: Option<Duration>,
+
+    /// Time between writes of this node's registry key <prefix>node:<node_id>, which expires
+    /// after three intervals [default: 2s]
+    #[arg(long, env = "NEXUS_REGISTRY_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub registry_interval: Option<Duration>,
 }
 
 /// The same settings as [`Args`], read from a TOML file.
@@ -96,6 +117,13 @@ struct FileConfig {
     log_level: Option<String>,
     node_id: Option<String>,
     redis_url: Option<String>,
+    redis_prefix: Option<String>,
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    redis_ping_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    redis_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    registry_interval: Option<Duration>,
 }
 
 /// Validated node settings.
@@ -127,6 +155,14 @@ pub struct Config {
     pub node_id: String,
     /// Redis URL for cluster mode.
     pub redis_url: Option<String>,
+    /// Prefix of the link's Redis channels and keys.
+    pub redis_prefix: String,
+    /// Time between PINGs on a Redis pub/sub connection.
+    pub redis_ping_interval: Duration,
+    /// Time allowed for a Redis connect, reply or PONG.
+    pub redis_timeout: Duration,
+    /// Time between registry writes.
+    pub registry_interval: Duration,
 }
 
 /// A setting that cannot be used, named with its value.
@@ -218,6 +254,16 @@ impl Config {
             )?,
             node_id: args.node_id.or(file.node_id).unwrap_or_else(random_node_id),
             redis_url,
+            redis_prefix: args.redis_prefix.or(file.redis_prefix).unwrap_or_else(|| "nexus:".to_owned()),
+            redis_ping_interval: args
+                .redis_ping_interval
+                .or(file.redis_ping_interval)
+                .unwrap_or(Duration::from_secs(1)),
+            redis_timeout: args.redis_timeout.or(file.redis_timeout).unwrap_or(Duration::from_secs(3)),
+            registry_interval: args
+                .registry_interval
+                .or(file.registry_interval)
+                .unwrap_or(Duration::from_secs(2)),
         };
         config.validate()?;
         Ok(config)
@@ -279,6 +325,38 @@ impl Config {
                 &self.node_id,
                 "must be 1 to 64 characters without spaces",
             ));
+        }
+        self.validate_redis()
+    }
+
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.redis_url {
+            if let Err(reason) = crate::link::settings::parse_url(url) {
+                let shown = format!("{} ({reason})", crate::link::settings::redact(url));
+                return Err(invalid(
+                    "redis_url",
+                    shown,
+                    "must be redis://[user:password@]host[:port][/db] or \
+                     redis+cluster://[user:password@]host:port[,host:port...]",
+                ));
+            }
+        }
+        if self.redis_prefix.len() > 64 || self.redis_prefix.contains(char::is_whitespace) {
+            return Err(invalid(
+                "redis_prefix",
+                &self.redis_prefix,
+                "must be at most 64 characters without spaces",
+            ));
+        }
+        for (name, value) in [
+            ("redis_ping_interval", self.redis_ping_interval),
+            ("redis_timeout", self.redis_timeout),
+            ("registry_interval", self.registry_interval),
+        ] {
+            if value < Duration::from_millis(10) || value > Duration::from_secs(3600) {
+                let shown = humantime::format_duration(value).to_string();
+                return Err(invalid(name, shown, "must be between 10ms and 1h"));
+            }
         }
         Ok(())
     }
@@ -376,6 +454,32 @@ mod tests {
         assert_eq!(config.pong_timeout, Duration::from_secs(10));
         assert!(config.cores >= 1);
         assert!(config.redis_url.is_none());
+        assert_eq!(config.redis_prefix, "nexus:");
+        assert_eq!(config.redis_ping_interval, Duration::from_secs(1));
+        assert_eq!(config.redis_timeout, Duration::from_secs(3));
+        assert_eq!(config.registry_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn redis_settings_are_validated() {
+        assert!(config(&["--redis", "redis://127.0.0.1:6379"]).is_ok());
+        assert!(config(&["--redis", "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"]).is_ok());
+        for flags in [
+            &["--redis", "rediss://127.0.0.1:6379"][..],
+            &["--redis", "http://127.0.0.1"],
+            &["--redis-prefix", "has space"],
+            &["--redis-timeout", "2h"],
+            &["--registry-interval", "1ms"],
+        ] {
+            assert!(config(flags).is_err(), "flags {flags:?}");
+        }
+    }
+
+    #[test]
+    fn invalid_redis_url_error_hides_the_password() {
+        let error = config(&["--redis", "rediss://user:hunter2@h:1"]).unwrap_err().to_string();
+        assert!(!error.contains("hunter2"), "{error}");
+        assert!(error.contains("redis_url"), "{error}");
     }
 
     #[test]

@@ -2,13 +2,33 @@
 //! connects this node to others.
 //!
 //! The single node uses [`LocalLink`], which connects to nothing. Cross-core delivery inside one
-//! node never goes through the link: cores send to each other directly (see `bus`).
+//! node never goes through the link: cores send to each other directly (see `bus`). A node
+//! started with `--redis` uses [`RedisLink`], which joins the other nodes through Redis pub/sub
+//! (docs/architecture.md follows a message through it).
 
+mod connection;
+mod driver;
+mod envelope;
+mod interest;
+mod publisher;
+mod redis_link;
+mod registry;
+mod resp;
+mod router;
+pub mod settings;
+mod status;
+mod subscriber;
+mod topology;
+
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use thiserror::Error;
 
 use crate::bus::Publication;
+use crate::core::NodeShared;
+
+pub use redis_link::RedisLink;
 
 /// The link cannot carry a publish to the cluster right now.
 #[derive(Debug, Error)]
@@ -45,6 +65,12 @@ pub trait ClusterLink: Send + Sync {
 
     /// Returns the link's current state.
     fn health(&self) -> LinkHealth;
+
+    /// Starts the link's own thread, once every core is listening on `listen`. Until then the
+    /// link queues what the cores hand it.
+    fn start(&self, _node: &Arc<NodeShared>, _listen: SocketAddr) -> std::io::Result<()> {
+        Ok(())
+    }
 
     /// Leaves the cluster: drops every subscription and deregisters the node. Called once, after
     /// every core has drained its clients.

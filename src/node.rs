@@ -14,11 +14,17 @@ use thiserror::Error;
 use crate::bus::{self, CoreMessage, CoreReceiver};
 use crate::config::Config;
 use crate::core::{Core, NodeShared};
-use crate::link::{ClusterLink, LocalLink};
+use crate::link::settings::LinkSettings;
+use crate::link::{ClusterLink, LocalLink, RedisLink};
 
 /// Locked memory each core's executor registers for its I/O buffers, in bytes. The node does no
 /// file I/O, so it keeps this far below glommio's 10 MiB default and the usual 8 MiB memlock limit.
 const IO_MEMORY: usize = 256 * 1024;
+
+/// Submission queue entries of each core's io_uring. The kernel sizes the ring's table of
+/// pending polls from this, and every connection keeps one poll pending, so a deep ring keeps
+/// cancellations cheap with tens of thousands of connections per core.
+const RING_DEPTH: usize = 4096;
 
 /// A failure that stops the node from starting.
 #[derive(Debug, Error)]
@@ -47,11 +53,21 @@ pub enum NodeError {
     /// The signal handler could not be installed.
     #[error("cannot install the SIGINT/SIGTERM handler: {0}")]
     Signals(std::io::Error),
+    /// The cluster link could not be set up or its thread started.
+    #[error("cannot start the cluster link: {0}")]
+    Link(String),
 }
 
 /// Runs a node until SIGINT or SIGTERM, then drains it and returns.
+///
+/// With `redis_url` set the node joins a cluster through [`RedisLink`]; without it, it stands
+/// alone with [`LocalLink`].
 pub fn run(config: Config, log: Logger) -> Result<(), NodeError> {
-    let link: Arc<dyn ClusterLink> = Arc::new(LocalLink);
+    let link: Arc<dyn ClusterLink> = match LinkSettings::from_config(&config) {
+        Ok(Some(settings)) => Arc::new(RedisLink::new(settings, &log)),
+        Ok(None) => Arc::new(LocalLink),
+        Err(cause) => return Err(NodeError::Link(cause)),
+    };
     run_with_link(config, link, log)
 }
 
@@ -84,6 +100,9 @@ pub fn run_with_link(
         listen = bound;
         handles.push(handle);
     }
+    node.link
+        .start(&node, listen)
+        .map_err(|error| NodeError::Link(error.to_string()))?;
     info!(log, "node started";
         "listen" => %listen, "cores" => node.cores.len(), "node_id" => &node.config.node_id,
         "max_connections" => node.config.max_connections,
@@ -119,6 +138,7 @@ fn start_core(
     let handle = LocalExecutorBuilder::new(placement)
         .name(&format!("nexus-core-{id}"))
         .io_memory(IO_MEMORY)
+        .ring_depth(RING_DEPTH)
         .spawn(move || async move {
             let listener = match TcpListener::bind(listen) {
                 Ok(listener) => listener,

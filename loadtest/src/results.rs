@@ -68,9 +68,11 @@ pub struct PidReport {
     pub memory_before: Option<Memory>,
     /// Memory when the measured window started.
     pub memory_measured: Option<Memory>,
-    /// Growth of `VmRSS` per connection of the run, in bytes.
+    /// Growth of `VmRSS` per connection of the run, in bytes (connections
+    /// scenario only).
     pub rss_bytes_per_connection: Option<f64>,
-    /// Growth of `Pss` (smaps_rollup) per connection of the run, in bytes.
+    /// Growth of `Pss` (smaps_rollup) per connection of the run, in bytes
+    /// (connections scenario only).
     pub pss_bytes_per_connection: Option<f64>,
 }
 
@@ -314,7 +316,13 @@ fn node_report(config: &RunConfig, merged: &ShardReport, samples: &NodeSamples, 
             };
             let before = find(&samples.memory_before);
             let measured = find(&samples.memory_measured);
+            // Memory per connection means something only when the
+            // connections are all the run adds to the node.
+            let idle = config.scenario == Scenario::Connections;
             let growth = |field: fn(&Memory) -> Option<u64>| {
+                if !idle {
+                    return None;
+                }
                 let (before, after) = (field(before.as_ref()?)?, field(measured.as_ref()?)?);
                 Some((after as f64 - before as f64) * 1024.0 / connections)
             };

@@ -32,7 +32,12 @@ pub struct Connection {
 /// Connects to `endpoint` and prepares the connection: AUTH when `auth` has a password, SELECT
 /// when it names a database other than 0, and CLIENT SETNAME `name` so that `CLIENT LIST` shows
 /// which node and role the connection serves. Each step must finish within `timeout`.
-pub async fn open(endpoint: &Endpoint, auth: &Auth, name: &str, timeout: Duration) -> io::Result<Connection> {
+pub async fn open(
+    endpoint: &Endpoint,
+    auth: &Auth,
+    name: &str,
+    timeout: Duration,
+) -> io::Result<Connection> {
     let address = (endpoint.host.as_str(), endpoint.port);
     let stream = tokio::time::timeout(timeout, TcpStream::connect(address))
         .await
@@ -75,7 +80,11 @@ pub async fn open(endpoint: &Endpoint, auth: &Auth, name: &str, timeout: Duratio
 }
 
 /// Writes `bytes`, failing when Redis does not take them within `timeout`.
-pub async fn write_all(writer: &mut OwnedWriteHalf, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+pub async fn write_all(
+    writer: &mut OwnedWriteHalf,
+    bytes: &[u8],
+    timeout: Duration,
+) -> io::Result<()> {
     tokio::time::timeout(timeout, writer.write_all(bytes))
         .await
         .map_err(|_| timed_out("write"))?
@@ -118,7 +127,10 @@ mod tests {
     fn backoff_grows_to_its_ceiling_with_jitter() {
         let mut backoff = Backoff::default();
         let first = backoff.next_delay();
-        assert!(first >= BACKOFF_BASE / 2 && first <= BACKOFF_BASE, "{first:?}");
+        assert!(
+            first >= BACKOFF_BASE / 2 && first <= BACKOFF_BASE,
+            "{first:?}"
+        );
         for _ in 0..20 {
             let delay = backoff.next_delay();
             assert!(delay <= BACKOFF_MAX, "{delay:?}");

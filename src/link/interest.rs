@@ -42,7 +42,9 @@ impl RedisSub {
 
 /// Returns whether `pattern` contains a `*` or `>` segment.
 pub fn is_wildcard(pattern: &str) -> bool {
-    pattern.split('.').any(|segment| segment == "*" || segment == ">")
+    pattern
+        .split('.')
+        .any(|segment| segment == "*" || segment == ">")
 }
 
 /// What the worker cores of this node subscribe to.
@@ -181,11 +183,6 @@ enum CommandGroup {
 }
 
 impl Projection {
-    /// Forgets every subscription, as a new connection starts with none.
-    pub fn clear(&mut self) {
-        self.subscribed.clear();
-    }
-
     /// Removes a subscription that Redis dropped on its own (a shard channel whose slot moved).
     pub fn forget(&mut self, sub: &RedisSub) -> bool {
         self.subscribed.remove(sub)
@@ -194,11 +191,6 @@ impl Projection {
     /// Returns the number of subscriptions.
     pub fn len(&self) -> usize {
         self.subscribed.len()
-    }
-
-    /// Returns whether the connection has no subscription.
-    pub fn is_empty(&self) -> bool {
-        self.subscribed.is_empty()
     }
 
     /// Compares each of `candidates` with what this connection should carry and records the
@@ -213,9 +205,17 @@ impl Projection {
             let want = should_carry(sub);
             if want && !self.subscribed.contains(sub) {
                 self.subscribed.insert(sub.clone());
-                changes.subscribe.entry(group(sub)).or_default().push(sub.name().into());
+                changes
+                    .subscribe
+                    .entry(group(sub))
+                    .or_default()
+                    .push(sub.name().into());
             } else if !want && self.subscribed.remove(sub) {
-                changes.unsubscribe.entry(group(sub)).or_default().push(sub.name().into());
+                changes
+                    .unsubscribe
+                    .entry(group(sub))
+                    .or_default()
+                    .push(sub.name().into());
             }
         }
         changes
@@ -244,7 +244,9 @@ impl Changes {
     /// Returns the number of commands [`Changes::encode`] writes.
     pub fn command_count(&self) -> usize {
         let chunks = |groups: &BTreeMap<CommandGroup, Vec<Box<str>>>| -> usize {
-            let per_group = groups.values().map(|names| names.len().div_ceil(MAX_CHANNELS_PER_COMMAND));
+            let per_group = groups
+                .values()
+                .map(|names| names.len().div_ceil(MAX_CHANNELS_PER_COMMAND));
             per_group.sum()
         };
         chunks(&self.unsubscribe) + chunks(&self.subscribe)
@@ -385,7 +387,9 @@ mod tests {
     #[test]
     fn shard_channels_are_grouped_by_slot() {
         let mut projection = Projection::default();
-        let subs: Vec<RedisSub> = (0..50).map(|i| RedisSub::Sharded(format!("p:t{i}").into())).collect();
+        let subs: Vec<RedisSub> = (0..50)
+            .map(|i| RedisSub::Sharded(format!("p:t{i}").into()))
+            .collect();
         let changes = projection.sync(&subs, |_| true);
         let slots: BTreeSet<u16> = subs.iter().map(|s| key_slot(s.name().as_bytes())).collect();
         assert_eq!(changes.command_count(), slots.len());
@@ -395,7 +399,9 @@ mod tests {
     #[test]
     fn large_batches_are_split_into_chunks() {
         let mut projection = Projection::default();
-        let subs: Vec<RedisSub> = (0..2500).map(|i| RedisSub::Channel(format!("c{i}").into())).collect();
+        let subs: Vec<RedisSub> = (0..2500)
+            .map(|i| RedisSub::Channel(format!("c{i}").into()))
+            .collect();
         let changes = projection.sync(&subs, |_| true);
         assert_eq!(changes.command_count(), 3);
     }

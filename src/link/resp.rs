@@ -103,7 +103,11 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ProtocolError> {
     }
 }
 
-fn parse_value(buf: &[u8], cursor: &mut usize, depth: usize) -> Result<Option<Reply>, ProtocolError> {
+fn parse_value(
+    buf: &[u8],
+    cursor: &mut usize,
+    depth: usize,
+) -> Result<Option<Reply>, ProtocolError> {
     let Some(line) = read_line(buf, cursor)? else {
         return Ok(None);
     };
@@ -258,7 +262,10 @@ mod tests {
         assert_eq!(parse_all(b"-ERR no\r\n"), Reply::Error("ERR no".into()));
         assert_eq!(parse_all(b":-12\r\n"), Reply::Integer(-12));
         assert_eq!(parse_all(b"$-1\r\n"), Reply::Bulk(None));
-        assert_eq!(parse_all(b"$3\r\na\r\n\r\n"), Reply::Bulk(Some(b"a\r\n".to_vec())));
+        assert_eq!(
+            parse_all(b"$3\r\na\r\n\r\n"),
+            Reply::Bulk(Some(b"a\r\n".to_vec()))
+        );
     }
 
     #[test]
@@ -274,7 +281,10 @@ mod tests {
     fn every_truncation_is_incomplete() {
         let bytes = b"*2\r\n*2\r\n:1\r\n$3\r\nabc\r\n+x\r\n";
         for end in 0..bytes.len() {
-            assert!(parse(&bytes[..end]).unwrap().is_none(), "prefix of {end} bytes");
+            assert!(
+                parse(&bytes[..end]).unwrap().is_none(),
+                "prefix of {end} bytes"
+            );
         }
         assert!(parse(bytes).unwrap().is_some());
     }
@@ -289,8 +299,18 @@ mod tests {
 
     #[test]
     fn malformed_input_is_an_error() {
-        for bytes in [&b"?x\r\n"[..], b"$3\r\nabcd\r\n", b"+OK\n", b":x\r\n", b"$-2\r\n"] {
-            assert!(parse(bytes).is_err(), "{:?}", String::from_utf8_lossy(bytes));
+        for bytes in [
+            &b"?x\r\n"[..],
+            b"$3\r\nabcd\r\n",
+            b"+OK\n",
+            b":x\r\n",
+            b"$-2\r\n",
+        ] {
+            assert!(
+                parse(bytes).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
         }
     }
 
@@ -309,7 +329,10 @@ mod tests {
             client.write_all(b"+PONG\r\n$5\r\nhello\r\n").await.unwrap();
         });
         assert_eq!(reader.next().await.unwrap(), Reply::Simple("PONG".into()));
-        assert_eq!(reader.next().await.unwrap(), Reply::Bulk(Some(b"hello".to_vec())));
+        assert_eq!(
+            reader.next().await.unwrap(),
+            Reply::Bulk(Some(b"hello".to_vec()))
+        );
         writer.await.unwrap();
         let end = reader.next().await.unwrap_err();
         assert_eq!(end.kind(), io::ErrorKind::UnexpectedEof);

@@ -60,13 +60,23 @@ impl Router {
     }
 
     /// Routes one message that Redis delivered on `channel`.
-    pub fn route(&mut self, channel: &[u8], payload: &[u8], cores: &[CoreSender], log: &Logger) -> Routed {
+    pub fn route(
+        &mut self,
+        channel: &[u8],
+        payload: &[u8],
+        cores: &[CoreSender],
+        log: &Logger,
+    ) -> Routed {
         let topic = channel
             .strip_prefix(self.prefix.as_bytes())
             .and_then(|topic| std::str::from_utf8(topic).ok())
             .filter(|topic| validate_topic(topic, TOPIC_LENGTH_CEILING).is_ok());
         let Some(topic) = topic else {
-            return self.reject(channel, "channel is not a valid topic under the prefix", log);
+            return self.reject(
+                channel,
+                "channel is not a valid topic under the prefix",
+                log,
+            );
         };
         let envelope = match envelope::parse(payload) {
             Ok(envelope) => envelope,
@@ -75,7 +85,10 @@ impl Router {
         if envelope.origin == self.instance {
             return Routed::OwnEcho;
         }
-        if !self.dedup.first_arrival(envelope.origin, envelope.seq, Instant::now()) {
+        if !self
+            .dedup
+            .first_arrival(envelope.origin, envelope.seq, Instant::now())
+        {
             return Routed::Repeat;
         }
 
@@ -121,7 +134,8 @@ impl Router {
         };
         if announcement.instance != self.instance {
             let patterns = announcement.patterns.into_iter().map(Box::from).collect();
-            self.remote_wildcards.update(announcement.instance, patterns, now);
+            self.remote_wildcards
+                .update(announcement.instance, patterns, now);
         }
         true
     }
@@ -233,8 +247,14 @@ mod tests {
         let mut router = router();
         let bytes = payload(7, 1, "a.b");
         let log = discard();
-        assert_eq!(router.route(b"p:a.b", &bytes, &senders, &log), Routed::Delivered(2));
-        assert_eq!(router.route(b"p:a.b", &bytes, &senders, &log), Routed::Repeat);
+        assert_eq!(
+            router.route(b"p:a.b", &bytes, &senders, &log),
+            Routed::Delivered(2)
+        );
+        assert_eq!(
+            router.route(b"p:a.b", &bytes, &senders, &log),
+            Routed::Repeat
+        );
         drop(receivers);
     }
 
@@ -243,11 +263,26 @@ mod tests {
         let (senders, _receivers): (Vec<_>, Vec<_>) = (0..2).map(|_| inbox()).unzip();
         let mut router = router();
         let log = discard();
-        assert_eq!(router.route(b"p:a.b", &payload(99, 1, "a.b"), &senders, &log), Routed::OwnEcho);
-        assert_eq!(router.route(b"p:a.b", b"hello", &senders, &log), Routed::Invalid);
-        assert_eq!(router.route(b"q:a.b", &payload(7, 1, "a.b"), &senders, &log), Routed::Invalid);
-        assert_eq!(router.route(b"p:#x", &payload(7, 2, "a.b"), &senders, &log), Routed::Invalid);
-        assert_eq!(router.route(b"p:c", &payload(7, 3, "c"), &senders, &log), Routed::NoInterest);
+        assert_eq!(
+            router.route(b"p:a.b", &payload(99, 1, "a.b"), &senders, &log),
+            Routed::OwnEcho
+        );
+        assert_eq!(
+            router.route(b"p:a.b", b"hello", &senders, &log),
+            Routed::Invalid
+        );
+        assert_eq!(
+            router.route(b"q:a.b", &payload(7, 1, "a.b"), &senders, &log),
+            Routed::Invalid
+        );
+        assert_eq!(
+            router.route(b"p:#x", &payload(7, 2, "a.b"), &senders, &log),
+            Routed::Invalid
+        );
+        assert_eq!(
+            router.route(b"p:c", &payload(7, 3, "c"), &senders, &log),
+            Routed::NoInterest
+        );
     }
 
     #[test]

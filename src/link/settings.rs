@@ -99,7 +99,9 @@ pub fn parse_url(url: &str) -> Result<(Mode, Auth), String> {
 }
 
 fn parse_single(url: &str) -> Result<(Endpoint, Auth), String> {
-    let info = url.into_connection_info().map_err(|error| error.to_string())?;
+    let info = url
+        .into_connection_info()
+        .map_err(|error| error.to_string())?;
     let endpoint = match info.addr {
         ConnectionAddr::Tcp(host, port) => Endpoint { host, port },
         ConnectionAddr::TcpTls { .. } => return Err("TLS (rediss://) is not supported".to_owned()),
@@ -145,14 +147,23 @@ mod tests {
     #[test]
     fn cluster_url_lists_seeds() {
         let (mode, auth) = parse_url("redis+cluster://u:p@h1:7000,h2:7001").unwrap();
-        assert_eq!(mode, Mode::Cluster(vec![endpoint("h1", 7000), endpoint("h2", 7001)]));
+        assert_eq!(
+            mode,
+            Mode::Cluster(vec![endpoint("h1", 7000), endpoint("h2", 7001)])
+        );
         assert_eq!(auth.username.as_deref(), Some("u"));
         assert_eq!(auth.password.as_deref(), Some("p"));
     }
 
     #[test]
     fn unsupported_urls_are_rejected() {
-        for url in ["rediss://h:1", "redis+unix:///tmp/r.sock", "http://h", "redis+cluster://h:1/3", "nonsense"] {
+        for url in [
+            "rediss://h:1",
+            "redis+unix:///tmp/r.sock",
+            "http://h",
+            "redis+cluster://h:1/3",
+            "nonsense",
+        ] {
             assert!(parse_url(url).is_err(), "{url}");
         }
     }

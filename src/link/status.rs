@@ -99,7 +99,9 @@ impl LinkStatus {
             let mut matching = components.iter().filter(|(c, _)| filter(c)).peekable();
             matching.peek().is_some() && matching.all(|(_, error)| error.is_none())
         };
-        let topology_up = components.get(&Component::Topology).is_some_and(Option::is_none);
+        let topology_up = components
+            .get(&Component::Topology)
+            .is_some_and(Option::is_none);
         let publish_ready = topology_up && all_up(|c| matches!(c, Component::Publisher(_)));
         let up = publish_ready && all_up(|c| matches!(c, Component::Subscriber(_)));
         self.publish_ready.store(publish_ready, Ordering::Release);
@@ -117,7 +119,9 @@ impl LinkStatus {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Component, Option<String>>> {
-        self.components.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.components
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -146,7 +150,10 @@ mod tests {
         assert_eq!(status.set(Component::Publisher(endpoint()), None), None);
         assert!(status.publish_ready());
         assert!(!status.is_up(), "no pub/sub connection yet");
-        assert_eq!(status.set(Component::Subscriber(endpoint()), None), Some(Transition::Up));
+        assert_eq!(
+            status.set(Component::Subscriber(endpoint()), None),
+            Some(Transition::Up)
+        );
         assert!(status.is_up());
         assert_eq!(status.reason(), "");
     }
@@ -160,9 +167,14 @@ mod tests {
         let transition = status.set(Component::Subscriber(endpoint()), Some("refused".into()));
         assert_eq!(
             transition,
-            Some(Transition::Down("pub/sub connection to 127.0.0.1:6379: refused".into()))
+            Some(Transition::Down(
+                "pub/sub connection to 127.0.0.1:6379: refused".into()
+            ))
         );
         assert!(status.publish_ready());
-        assert_eq!(status.reason(), "pub/sub connection to 127.0.0.1:6379: refused");
+        assert_eq!(
+            status.reason(),
+            "pub/sub connection to 127.0.0.1:6379: refused"
+        );
     }
 }

@@ -79,11 +79,19 @@ pub fn carries(topology: &Topology, endpoint: &Endpoint, sub: &RedisSub) -> bool
 pub async fn run(ctx: Rc<Context>, handle: Rc<SubscriberHandle>) {
     let component = Component::Subscriber(handle.endpoint.clone());
     let name = format!("nexus-{}-sub", ctx.settings.node_id);
-    let log = ctx.log.new(slog::o!("redis" => handle.endpoint.to_string(), "role" => "pubsub"));
+    let log = ctx
+        .log
+        .new(slog::o!("redis" => handle.endpoint.to_string(), "role" => "pubsub"));
     let mut backoff = Backoff::default();
     let mut failures = RepeatCounter::default();
     while !handle.stop.get() {
-        let opened = connection::open(&handle.endpoint, &ctx.settings.auth, &name, ctx.settings.timeout).await;
+        let opened = connection::open(
+            &handle.endpoint,
+            &ctx.settings.auth,
+            &name,
+            ctx.settings.timeout,
+        )
+        .await;
         let error = match opened {
             Ok(connection) => {
                 debug!(log, "redis connection opened");
@@ -113,8 +121,16 @@ pub async fn run(ctx: Rc<Context>, handle: Rc<SubscriberHandle>) {
 }
 
 /// Serves one connection until it fails (`Err` with the reason) or the task is stopped.
-async fn serve(ctx: &Context, handle: &SubscriberHandle, connection: Connection, backoff: &mut Backoff) -> Result<(), String> {
-    let Connection { mut reader, mut writer } = connection;
+async fn serve(
+    ctx: &Context,
+    handle: &SubscriberHandle,
+    connection: Connection,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
+    let Connection {
+        mut reader,
+        mut writer,
+    } = connection;
     let timeout = ctx.settings.timeout;
     let mut projection = Projection::default();
     let mut out = Vec::new();
@@ -125,7 +141,9 @@ async fn serve(ctx: &Context, handle: &SubscriberHandle, connection: Connection,
     resp::push_command(&mut out, &["PING"]);
     let mut ping_sent = Some(Instant::now());
     let mut confirmed = false;
-    connection::write_all(&mut writer, &out, timeout).await.map_err(|e| e.to_string())?;
+    connection::write_all(&mut writer, &out, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
 
     let mut ticker = tokio::time::interval(ctx.settings.ping_interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -172,7 +190,9 @@ async fn serve(ctx: &Context, handle: &SubscriberHandle, connection: Connection,
             },
         }
         if !out.is_empty() {
-            connection::write_all(&mut writer, &out, timeout).await.map_err(|e| e.to_string())?;
+            connection::write_all(&mut writer, &out, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
         }
     }
 }
@@ -183,11 +203,18 @@ fn sync(ctx: &Context, handle: &SubscriberHandle, projection: &mut Projection) -
     let topology = ctx.topology.borrow();
     let carry = |sub: &RedisSub| {
         router.interest.is_wanted(sub)
-            && topology.as_ref().is_some_and(|t| carries(t, &handle.endpoint, sub))
+            && topology
+                .as_ref()
+                .is_some_and(|t| carries(t, &handle.endpoint, sub))
     };
     if handle.full_sync.take() {
         handle.dirty.borrow_mut().clear();
-        let candidates: Vec<RedisSub> = router.interest.wanted().chain(projection.iter()).cloned().collect();
+        let candidates: Vec<RedisSub> = router
+            .interest
+            .wanted()
+            .chain(projection.iter())
+            .cloned()
+            .collect();
         projection.sync(&candidates, carry)
     } else {
         let dirty = std::mem::take(&mut *handle.dirty.borrow_mut());
@@ -197,7 +224,12 @@ fn sync(ctx: &Context, handle: &SubscriberHandle, projection: &mut Projection) -
 
 /// Handles one reply or push; returns whether it was a PONG. An error reply ends the connection,
 /// because the projection can no longer be trusted; the reconnect starts from a clean state.
-fn handle_reply(ctx: &Context, handle: &SubscriberHandle, projection: &mut Projection, reply: Reply) -> Result<bool, String> {
+fn handle_reply(
+    ctx: &Context,
+    handle: &SubscriberHandle,
+    projection: &mut Projection,
+    reply: Reply,
+) -> Result<bool, String> {
     let items = match reply {
         Reply::Array(Some(items)) => items,
         Reply::Simple(pong) if pong == "PONG" => return Ok(true),
@@ -209,13 +241,23 @@ fn handle_reply(ctx: &Context, handle: &SubscriberHandle, projection: &mut Proje
         }
         other => return Err(format!("unexpected reply {other:?}")),
     };
-    let field = |index: usize| items.get(index).and_then(Reply::as_bytes).unwrap_or_default();
+    let field = |index: usize| {
+        items
+            .get(index)
+            .and_then(Reply::as_bytes)
+            .unwrap_or_default()
+    };
     match field(0) {
         b"message" if field(1) == ctx.announcement_channel.as_bytes() => {
-            let _ = ctx.router.borrow_mut().apply_announcement(field(2), Instant::now());
+            let _ = ctx
+                .router
+                .borrow_mut()
+                .apply_announcement(field(2), Instant::now());
         }
         b"message" | b"smessage" => ctx.route(field(1), field(2)),
-        b"pmessage" if field(2) != ctx.announcement_channel.as_bytes() => ctx.route(field(2), field(3)),
+        b"pmessage" if field(2) != ctx.announcement_channel.as_bytes() => {
+            ctx.route(field(2), field(3))
+        }
         b"pong" => return Ok(true),
         b"sunsubscribe" => {
             // Redis drops the shard channels of a slot that moved to another master. A channel

@@ -76,11 +76,6 @@ impl Topology {
         }
     }
 
-    /// Returns whether this is a Redis Cluster.
-    pub fn is_cluster(&self) -> bool {
-        self.slots.is_some()
-    }
-
     /// Returns the index of the master that owns `channel`, or `None` when no master serves
     /// its slot.
     pub fn owner(&self, channel: &[u8]) -> Option<usize> {
@@ -95,9 +90,9 @@ impl Topology {
 
     /// Returns the number of slots without a master (0 for a single server).
     pub fn uncovered_slots(&self) -> usize {
-        self.slots
-            .as_ref()
-            .map_or(0, |slots| slots.iter().filter(|&&owner| owner == NO_OWNER).count())
+        self.slots.as_ref().map_or(0, |slots| {
+            slots.iter().filter(|&&owner| owner == NO_OWNER).count()
+        })
     }
 
     /// Builds the topology from a `CLUSTER SLOTS` reply. A master listed with an empty host is
@@ -110,7 +105,8 @@ impl Topology {
         for range in ranges {
             owned.push(parse_range(range, queried)?);
         }
-        let mut masters: Vec<Endpoint> = owned.iter().map(|(_, _, master)| master.clone()).collect();
+        let mut masters: Vec<Endpoint> =
+            owned.iter().map(|(_, _, master)| master.clone()).collect();
         masters.sort();
         masters.dedup();
         if masters.is_empty() {
@@ -177,7 +173,11 @@ mod tests {
     }
 
     fn range(start: i64, end: i64, master: Reply) -> Reply {
-        Reply::Array(Some(vec![Reply::Integer(start), Reply::Integer(end), master]))
+        Reply::Array(Some(vec![
+            Reply::Integer(start),
+            Reply::Integer(end),
+            master,
+        ]))
     }
 
     #[test]
@@ -195,7 +195,10 @@ mod tests {
         assert_eq!(topology.masters.len(), 3);
         assert_eq!(topology.uncovered_slots(), 1);
         let owner = topology.owner(b"bar").unwrap();
-        assert_eq!(topology.masters[owner], queried, "slot 5061 belongs to the empty host");
+        assert_eq!(
+            topology.masters[owner], queried,
+            "slot 5061 belongs to the empty host"
+        );
         let owner = topology.owner(b"foo").unwrap();
         assert_eq!(topology.masters[owner].port, 7002);
     }
