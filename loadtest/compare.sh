@@ -36,6 +36,10 @@ TOPICS_SUBSCRIBERS=${TOPICS_SUBSCRIBERS:-1000}
 TOPICS_PUBLISHERS=${TOPICS_PUBLISHERS:-4}
 CONNECTIONS=${CONNECTIONS:-10000}
 STORM_CONNECTIONS=${STORM_CONNECTIONS:-2000}
+# Seconds after setup at which every storm client drops and reconnects, and
+# the maximum seconds the storm case runs.
+STORM_AFTER=${STORM_AFTER:-5}
+STORM_DURATION=${STORM_DURATION:-30}
 CLUSTER_SUBSCRIBERS=${CLUSTER_SUBSCRIBERS:-500}
 
 NEXUS_PORT=3001
@@ -108,6 +112,21 @@ wait_for_port() {
     done
 }
 
+# Waits up to 15 s until GET /health on port $1 reports "status":"ok", which
+# for a cluster member means its Redis link is up (nexus-node and the Node
+# reference serve the same report).
+wait_for_health() {
+    local port=$1 tries=0
+    until curl -fsS --max-time 1 "http://127.0.0.1:$port/health" 2>/dev/null | grep -q '"status":"ok"'; do
+        tries=$((tries + 1))
+        if ((tries > 150)); then
+            log "node on port $port is not healthy after 15 s"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
 sockudo_bin() {
     command -v sockudo 2>/dev/null || true
 }
@@ -148,7 +167,10 @@ start_broker() {
         esac
         broker_pids+=("$spawned")
         broker_urls+=("ws://127.0.0.1:$port/")
-        wait_for_port "$port"
+        wait_for_port "$port" || return 1
+        if [[ $broker == nexus || $broker == node ]]; then
+            wait_for_health "$port" || return 1
+        fi
     done
 }
 
@@ -179,7 +201,9 @@ case_args() {
         printf '%s\n' connections --connections "$CONNECTIONS"
         ;;
     storm)
-        printf '%s\n' storm --connections "$STORM_CONNECTIONS" --storm-after 5
+        # --duration bounds the wait for the storm and the reconnects.
+        printf '%s\n' storm --connections "$STORM_CONNECTIONS" --storm-after "$STORM_AFTER" \
+            --duration "$STORM_DURATION"
         ;;
     cluster)
         printf '%s\n' cluster --subscribers "$CLUSTER_SUBSCRIBERS" --publishers 1
@@ -212,7 +236,13 @@ run_one() {
     local nodes=1
     [[ $name == cluster ]] && nodes=2
 
-    start_broker "$broker" "$nodes" "$prefix"
+    local line status=0
+    if ! start_broker "$broker" "$nodes" "$prefix"; then
+        log "round $round: $broker did not start for $name, see $prefix.*.log"
+        stop_broker
+        record_result '{}' 1 "$broker" "$name" "$round"
+        return
+    fi
 
     local args=()
     mapfile -t args < <(case_args "$name")
@@ -222,12 +252,12 @@ run_one() {
     if [[ $broker == sockudo ]]; then
         args+=(--protocol pusher "${SOCKUDO_APP[@]}")
     fi
-    args+=(--duration "$DURATION" --threads "$THREADS" --label "$broker" --json)
+    [[ $name == storm ]] || args+=(--duration "$DURATION")
+    args+=(--threads "$THREADS" --label "$broker" --json)
 
     log "round $round: $name on $broker"
-    local line status=0
     # The generator stops by itself; timeout only guards against a hang.
-    line=$(timeout --kill-after=10 $((DURATION * 4 + 120)) \
+    line=$(timeout --kill-after=10 $((DURATION * 4 + STORM_DURATION + 120)) \
         "$loadtest" "${args[@]}" 2>"$prefix.loadtest.log") || status=$?
     stop_broker
 
@@ -235,9 +265,14 @@ run_one() {
         log "round $round: $name on $broker failed (exit $status), see $prefix.loadtest.log"
         line='{}'
     fi
-    jq -c --arg broker "$broker" --arg case "$name" --argjson round "$round" \
-        --argjson exit "$status" '. + {broker: $broker, case: $case, round: $round, exit: $exit}' \
-        <<<"$line" >>"$OUT/results.jsonl"
+    record_result "$line" "$status" "$broker" "$name" "$round"
+}
+
+# Appends result line $1 to results.jsonl with the exit status, broker, case and round.
+record_result() {
+    jq -c --argjson exit "$2" --arg broker "$3" --arg case "$4" --argjson round "$5" \
+        '. + {broker: $broker, case: $case, round: $round, exit: $exit}' \
+        <<<"$1" >>"$OUT/results.jsonl"
 }
 
 start_redis() {
@@ -296,6 +331,13 @@ for (case, broker), group in runs.items():
         notes.append(f"{len(group) - len(good)} failed")
     if any(run.get("generator_saturated") for run in good):
         notes.append("generator saturated")
+    if any(run.get("config", {}).get("publishers") and not run.get("published") for run in good):
+        notes.append("nothing published")
+    errors = {}
+    for run in good:
+        for kind, count in (run.get("errors") or {}).items():
+            errors[kind] = errors.get(kind, 0) + count
+    notes.extend(f"{kind} ×{count}" for kind, count in sorted(errors.items()))
     cells = [case, broker, f"{len(good)}/{len(group)}",
              fmt(rate) + spread if rate else "–",
              fmt(median(good, "latency_us", "p50"), 1e-3, 2),
@@ -303,7 +345,7 @@ for (case, broker), group in runs.items():
              fmt(median(good, "latency_us", "p99_9"), 1e-3, 2),
              fmt(median(good, "lost")),
              fmt(median(good, "node", "cores"), 1, 2),
-             fmt(median(good, "node", "deliveries_per_cpu_s")),
+             fmt(median(good, "node", "deliveries_per_cpu_s")) if rate else "–",
              fmt(share, 1, 1),
              fmt(median(good, "connections", "connect_rate_per_s")),
              fmt(median(good, "connections", "rss_bytes_per_connection")),
@@ -314,7 +356,7 @@ PYTHON
 }
 
 prepare() {
-    for tool in jq python3 node timeout; do
+    for tool in jq python3 node curl timeout; do
         command -v "$tool" >/dev/null || { log "$tool is required"; exit 1; }
     done
     if [[ $SKIP_BUILD != 1 ]]; then
@@ -346,7 +388,14 @@ main() {
     done
     [[ -n $redis_pid ]] && stop "$redis_pid"
 
-    write_table "$OUT/results.jsonl" >"$OUT/results.md"
+    {
+        printf '# Broker comparison, %s\n\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
+        printf 'Commit %s on %s cores (%s). %s rounds; %s s per publishing run; ' \
+            "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$(nproc)" \
+            "$(uname -r)" "$ROUNDS" "$DURATION"
+        printf 'generator threads %s. Each cell is the median over the rounds that succeeded.\n\n' "$THREADS"
+        write_table "$OUT/results.jsonl"
+    } >"$OUT/results.md"
     for name in $CASES; do
         jq -c --arg case "$name" 'select(.case == $case and .latency_us != null)' \
             "$OUT/results.jsonl" >"$OUT/$name.jsonl"

@@ -86,7 +86,7 @@ pub struct Args {
     #[arg(long, env = "NEXUS_REDIS_PING_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
     pub redis_ping_interval: Option<Duration>,
 
-    /// Time allowed to connect to Redis and for Redis to answer a command or PING before the
+    /// Time allowed to connect to Redis and for Redis to reply to a command or PING before the
     /// connection counts as dead and is reopened [default: 3s]
     #[arg(long, env = "NEXUS_REDIS_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub redis_timeout: Option<Duration>,
@@ -254,12 +254,18 @@ impl Config {
             )?,
             node_id: args.node_id.or(file.node_id).unwrap_or_else(random_node_id),
             redis_url,
-            redis_prefix: args.redis_prefix.or(file.redis_prefix).unwrap_or_else(|| "nexus:".to_owned()),
+            redis_prefix: args
+                .redis_prefix
+                .or(file.redis_prefix)
+                .unwrap_or_else(|| "nexus:".to_owned()),
             redis_ping_interval: args
                 .redis_ping_interval
                 .or(file.redis_ping_interval)
                 .unwrap_or(Duration::from_secs(1)),
-            redis_timeout: args.redis_timeout.or(file.redis_timeout).unwrap_or(Duration::from_secs(3)),
+            redis_timeout: args
+                .redis_timeout
+                .or(file.redis_timeout)
+                .unwrap_or(Duration::from_secs(3)),
             registry_interval: args
                 .registry_interval
                 .or(file.registry_interval)
@@ -477,7 +483,9 @@ mod tests {
 
     #[test]
     fn invalid_redis_url_error_hides_the_password() {
-        let error = config(&["--redis", "rediss://user:hunter2@h:1"]).unwrap_err().to_string();
+        let error = config(&["--redis", "rediss://user:hunter2@h:1"])
+            .unwrap_err()
+            .to_string();
         assert!(!error.contains("hunter2"), "{error}");
         assert!(error.contains("redis_url"), "{error}");
     }

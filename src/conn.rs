@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
-use slog::{debug, o, trace, Logger};
+use slog::{debug, trace, Logger};
 use tungstenite::protocol::frame::coding::Control;
 
 use crate::codes::close;
@@ -26,17 +26,19 @@ use crate::ws;
 /// Time a client gets to send its handshake request.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Reads one connection handles before it lets the core's other tasks run.
+const READS_PER_POLL: usize = 16;
+
 /// Time the node waits for its close frame to be written and for the client's close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted TCP connection until it closes.
 pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
-    let remote = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let remote = stream.peer_addr().ok();
     let _ = stream.set_nodelay(true);
-    let log = core.log.new(o!("remote_addr" => remote));
+    // Log lines name the connection with fields rather than a child logger, because a child
+    // logger per connection would cost every idle connection a few hundred bytes.
+    let log = &core.log;
 
     // The handshake and close futures are boxed: they are large, short-lived, and would
     // otherwise widen the task of every idle connection for its whole life.
@@ -47,7 +49,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         Ok(Ok(Some(upgrade))) => upgrade,
         Ok(Ok(None)) => return,
         Ok(Err(error)) => {
-            trace!(log, "handshake failed"; "error" => %error);
+            trace!(log, "handshake failed"; "remote_addr" => %Remote(remote), "error" => %error);
             return;
         }
         Err(_) => {
@@ -59,29 +61,31 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
 
     // The connection counts against max_connections before the upgrade is accepted.
     let Some(conn) = core.register(stream.as_raw_fd()) else {
-        let body = "node is at max_connections or shutting down; retry later or connect to another node\n";
+        let body =
+            "node is at max_connections or shutting down; retry later or connect to another node\n";
         let response = http::response(503, "text/plain", body, "Retry-After: 1\r\n");
         let _ = stream.write_all(&response).await;
         return;
     };
     if let Err(error) = stream.write_all(&http::upgrade_response(&accept_key)).await {
-        trace!(log, "handshake failed"; "error" => %error);
+        trace!(log, "handshake failed"; "remote_addr" => %Remote(remote), "error" => %error);
         core.unregister(&conn);
         return;
     }
-    let log = log.new(o!("conn_id" => conn.id));
-    debug!(log, "connection opened");
+    debug!(log, "connection opened"; "conn_id" => conn.id, "remote_addr" => %Remote(remote));
 
     let mut session = Session {
         core: Rc::clone(&core),
         conn: Rc::clone(&conn),
         stream,
         reader: Reader::new(leftover),
+        started: false,
     };
-    let ending = session.run(&log).await;
-    let (code, reason) = Box::pin(session.finish(ending, &log)).await;
+    let ending = poll_fn(|cx| session.poll_run(cx, log)).await;
+    let (code, reason) = Box::pin(session.finish(ending, log)).await;
     core.unregister(&conn);
-    debug!(log, "connection closed"; "reason" => reason, "close_code" => code);
+    debug!(log, "connection closed";
+        "conn_id" => conn.id, "remote_addr" => %Remote(remote), "reason" => reason, "close_code" => code);
 }
 
 /// Reads the HTTP request and answers it unless it is an upgrade. Returns an upgrade's accept
@@ -103,8 +107,9 @@ async fn handshake(core: &Core, stream: &mut TcpStream) -> io::Result<Option<(St
                 accept_key,
                 head_len,
             } => {
-                head.drain(..head_len);
-                return Ok(Some((accept_key, head)));
+                // Frames sent right behind the handshake are kept; the buffer is not.
+                let leftover = head[head_len..].to_vec();
+                return Ok(Some((accept_key, leftover)));
             }
             Request::Health => {
                 let body = crate::health::report(core);
@@ -119,6 +124,18 @@ async fn handshake(core: &Core, stream: &mut TcpStream) -> io::Result<Option<(St
                     .await?;
                 return Ok(None);
             }
+        }
+    }
+}
+
+/// A peer address for logs, or `-` when the socket had none.
+struct Remote(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("-"),
         }
     }
 }
@@ -147,31 +164,40 @@ struct Session {
     conn: Rc<Conn>,
     stream: TcpStream,
     reader: Reader,
+    started: bool,
 }
 
 impl Session {
-    async fn run(&mut self, log: &Logger) -> Ending {
+    /// Drives the session until it ends. Written as a poll function rather than an async fn so
+    /// that the state every idle connection keeps is only the `Session` itself.
+    fn poll_run(&mut self, cx: &mut Context<'_>, log: &Logger) -> Poll<Ending> {
         // Bytes that arrived with the handshake are frames already.
-        if !self.reader.is_empty() {
+        if !self.reader.is_empty() && !self.started {
             if let Some(ending) = self.process(0, log) {
-                return ending;
+                return Poll::Ready(ending);
             }
         }
-        loop {
-            let event = poll_fn(|cx| self.poll_event(cx)).await;
+        self.started = true;
+        for _ in 0..READS_PER_POLL {
+            let event = match self.poll_event(cx) {
+                Poll::Ready(event) => event,
+                Poll::Pending => return Poll::Pending,
+            };
             match event {
                 Event::Read(len) => {
                     self.conn.touch();
                     if let Some(ending) = self.process(len, log) {
-                        return ending;
+                        return Poll::Ready(ending);
                     }
                 }
-                Event::Eof => return Ending::Eof,
-                Event::Failed(error) => return Ending::Io(error),
-                Event::CloseRequested(request) => return Ending::Close(request),
+                Event::Eof => return Poll::Ready(Ending::Eof),
+                Event::Failed(error) => return Poll::Ready(Ending::Io(error)),
+                Event::CloseRequested(request) => return Poll::Ready(Ending::Close(request)),
             }
-            glommio::yield_if_needed().await;
         }
+        // A client that keeps the socket full must not starve the core's other tasks.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
@@ -238,7 +264,7 @@ impl Session {
         let (code, reason, echo) = match ending {
             Ending::Eof => return (None, "client disconnected"),
             Ending::Io(error) => {
-                debug!(log, "socket failed"; "error" => %error);
+                debug!(log, "socket failed"; "conn_id" => self.conn.id, "error" => %error);
                 return (None, "socket error");
             }
             Ending::Close(CloseRequest { code: None, reason }) => return (None, reason),
@@ -296,4 +322,3 @@ impl Session {
         }
     }
 }
-

@@ -10,6 +10,7 @@ mod connection;
 mod driver;
 mod envelope;
 mod interest;
+mod limits;
 mod publisher;
 mod redis_link;
 mod registry;

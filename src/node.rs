@@ -60,7 +60,7 @@ pub enum NodeError {
 
 /// Runs a node until SIGINT or SIGTERM, then drains it and returns.
 ///
-/// With `redis_url` set the node joins a cluster through [`RedisLink`]; without it, it stands
+/// With `redis_url` set the node joins a cluster through [`RedisLink`]; without it, it runs
 /// alone with [`LocalLink`].
 pub fn run(config: Config, log: Logger) -> Result<(), NodeError> {
     let link: Arc<dyn ClusterLink> = match LinkSettings::from_config(&config) {

@@ -136,36 +136,54 @@ function startLink(url) {
   return state;
 }
 
+/**
+ * Subscribes or unsubscribes the node on Redis for a local pattern. Returns a
+ * promise that settles when Redis has confirmed a new subscription, or null.
+ */
+function linkStatus() {
+  if (!link) return 'standalone';
+  const ready = link.publisher.status === 'ready' && link.subscriber.status === 'ready';
+  return ready ? 'up' : 'down';
+}
+
 function linkInterest(pattern, added) {
-  if (!link) return;
+  if (!link) return null;
   const channel = redisChannel(pattern);
   const glob = isPattern(pattern);
   const { subscriber } = link;
   if (added) {
     const request = glob ? subscriber.psubscribe(channel) : subscriber.subscribe(channel);
-    request.catch((error) => log.warn({ topic: pattern, error: error.message }, 'redis subscribe failed'));
-    return;
+    return request.catch((error) => log.warn({ topic: pattern, error: error.message }, 'redis subscribe failed'));
   }
   // `a.*` and `a.>` share one glob, so it is dropped only when neither remains.
   if (glob && [...patterns.keys()].some((held) => redisChannel(held) === channel)) return;
   const request = glob ? subscriber.punsubscribe(channel) : subscriber.unsubscribe(channel);
   request.catch((error) => log.warn({ topic: pattern, error: error.message }, 'redis unsubscribe failed'));
+  return null;
 }
 
+/**
+ * Adds the subscription. Returns a promise while the node's Redis subscription
+ * for the topic is not yet confirmed, so that the reply can wait for it.
+ */
 function subscribe(ws, topic) {
-  if (ws.subscriptions.has(topic)) return;
+  if (ws.subscriptions.has(topic)) return null;
   if (ws.subscriptions.size >= MAX_SUBSCRIPTIONS) {
-    throw new RequestError('too_many_subscriptions', `connection already holds ${MAX_SUBSCRIPTIONS} subscriptions`);
+    throw new RequestError('too_many_subscriptions', `connection already has the maximum of ${MAX_SUBSCRIPTIONS} subscriptions; unsubscribe first`);
   }
   const index = isPattern(topic) ? patterns : exact;
   let sockets = index.get(topic);
   if (!sockets) {
     sockets = new Set();
     index.set(topic, sockets);
-    linkInterest(topic, true);
+    const confirmed = linkInterest(topic, true);
+    sockets.linkPending = confirmed && confirmed.then(() => {
+      sockets.linkPending = null;
+    });
   }
   sockets.add(ws);
   ws.subscriptions.add(topic);
+  return sockets.linkPending;
 }
 
 function unsubscribe(ws, topic) {
@@ -224,12 +242,16 @@ function reply(ws, message, id) {
 function handleRequest(ws, request) {
   const { action, topic, id } = request;
   switch (action) {
-    case 'SUBSCRIBE':
-      subscribe(ws, topic);
+    case 'SUBSCRIBE': {
+      // In a cluster the reply waits for Redis, so that a client that
+      // publishes right after the reply reaches this subscriber.
+      const pending = subscribe(ws, topic);
+      if (pending) return pending.then(() => reply(ws, { type: 'subscribed', topic }, id));
       return reply(ws, { type: 'subscribed', topic }, id);
+    }
     case 'UNSUBSCRIBE':
       if (!unsubscribe(ws, topic)) {
-        throw new RequestError('not_subscribed', `this connection holds no subscription ${topic}`);
+        throw new RequestError('not_subscribed', `this connection has no subscription ${topic}`);
       }
       return reply(ws, { type: 'unsubscribed', topic }, id);
     case 'PUBLISH':
@@ -282,8 +304,11 @@ function onConnection(ws, httpRequest) {
 function main() {
   const server = http.createServer((request, response) => {
     if (request.url === '/health') {
+      // The same shape as nexus-node's report: degraded while the Redis link is down.
+      const linkState = linkStatus();
+      const status = linkState === 'down' ? 'degraded' : 'ok';
       response.writeHead(200, { 'content-type': 'application/json' });
-      return response.end(JSON.stringify({ status: 'ok', node_id: NODE_ID, connections: wss.clients.size }));
+      return response.end(JSON.stringify({ status, node_id: NODE_ID, connections: wss.clients.size, link: linkState }));
     }
     response.writeHead(404);
     return response.end();
@@ -291,9 +316,10 @@ function main() {
   const wss = new WebSocketServer({ server, maxPayload: MAX_MESSAGE_SIZE });
   wss.on('connection', onConnection);
 
-  // The ws heartbeat idiom: a socket that has not answered the previous ping
-  // (nor sent anything) by the next one is dropped. This allows up to two
-  // intervals of silence, not nexus-node's interval plus pong timeout.
+  // The ws heartbeat idiom: a socket that has sent neither a pong nor a
+  // message since the previous ping is terminated at the next one. This
+  // allows up to two intervals of silence, not nexus-node's interval plus
+  // pong timeout.
   const heartbeat = setInterval(() => {
     for (const ws of wss.clients) {
       if (!ws.isAlive) {

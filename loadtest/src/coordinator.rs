@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::{RunConfig, Scenario};
+use crate::config::{RunConfig, Scenario};
 use crate::procfs::{memory, now_ns, process_cpu_ns, Memory};
 use crate::report::{CpuSeries, ShardReport};
 use crate::results::{self, Report};
@@ -26,14 +26,20 @@ const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 /// Runs are shown with a progress bar from this length on.
 const PROGRESS_MIN: Duration = Duration::from_secs(3);
 
-/// What the coordinator measured of the node processes.
+/// Memory of each `--pid`; `None` when it could not be read.
+pub type MemoryByPid = Vec<(u32, Option<Memory>)>;
+
+/// CPU time samples of each `--pid`.
+pub type CpuByPid = Vec<(u32, CpuSeries)>;
+
+/// Samples of the node processes taken by the coordinator.
 pub struct NodeSamples {
-    /// Memory of each `--pid` before setup.
-    pub memory_before: Vec<(u32, Option<Memory>)>,
-    /// Memory of each `--pid` when the measured window started.
-    pub memory_measured: Vec<(u32, Option<Memory>)>,
-    /// CPU time of each `--pid` from the start to the end of the run.
-    pub cpu: Vec<(u32, CpuSeries)>,
+    /// Memory before setup.
+    pub memory_before: MemoryByPid,
+    /// Memory when the measured window started.
+    pub memory_measured: MemoryByPid,
+    /// CPU time from the start to the end of the run.
+    pub cpu: CpuByPid,
 }
 
 /// Runs the load described by `config` and returns its results.
@@ -194,7 +200,12 @@ fn spawn_worker(
         .map_err(|error| format!("cannot find this program to start workers: {error}"))?;
     let mut child = Command::new(program)
         .args(std::env::args_os().skip(1))
-        .args(["--worker-index", &index.to_string(), "--run-id", &config.run_id])
+        .args([
+            "--worker-index",
+            &index.to_string(),
+            "--run-id",
+            &config.run_id,
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -223,7 +234,7 @@ fn spawn_worker(
 /// Background thread that samples the node processes and draws progress.
 struct Sampler {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<(Vec<(u32, Option<Memory>)>, Vec<(u32, CpuSeries)>)>,
+    thread: JoinHandle<(MemoryByPid, CpuByPid)>,
 }
 
 impl Sampler {
@@ -231,6 +242,7 @@ impl Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let pids = config.common.pids.clone();
         let measure_ns = go_ns + config.warmup.as_nanos() as i64;
+        let drain_ns = go_ns + config.publish_time().as_nanos() as i64;
         let total = match config.scenario {
             Scenario::Storm => config.duration,
             Scenario::Connections => config.publish_time(),
@@ -239,8 +251,10 @@ impl Sampler {
         let progress = progress_bar(total);
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            let mut cpu: Vec<(u32, CpuSeries)> =
-                pids.iter().map(|&pid| (pid, CpuSeries::default())).collect();
+            let mut cpu: CpuByPid = pids
+                .iter()
+                .map(|&pid| (pid, CpuSeries::default()))
+                .collect();
             let mut measured = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 let now = now_ns();
@@ -254,7 +268,7 @@ impl Sampler {
                 }
                 if let Some(bar) = &progress {
                     bar.set_position(((now - go_ns).max(0) / 1_000_000) as u64);
-                    bar.set_message(phase_name(now, go_ns, measure_ns));
+                    bar.set_message(phase_name(now, go_ns, measure_ns, drain_ns));
                 }
                 std::thread::sleep(SAMPLE_INTERVAL);
             }
@@ -266,19 +280,21 @@ impl Sampler {
         Sampler { stop, thread }
     }
 
-    fn stop(self) -> (Vec<(u32, Option<Memory>)>, Vec<(u32, CpuSeries)>) {
+    fn stop(self) -> (MemoryByPid, CpuByPid) {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }
 }
 
-fn phase_name(now: i64, go_ns: i64, measure_ns: i64) -> &'static str {
+fn phase_name(now: i64, go_ns: i64, measure_ns: i64, drain_ns: i64) -> &'static str {
     if now < go_ns {
         "starting"
     } else if now < measure_ns {
         "warmup"
-    } else {
+    } else if now < drain_ns {
         "running"
+    } else {
+        "draining"
     }
 }
 

@@ -251,7 +251,8 @@ impl FrameReader {
             OPCODE_PING => on_event(Event::Ping(payload)),
             OPCODE_PONG => on_event(Event::Pong),
             _ => {
-                let code = (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                let code =
+                    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
                 on_event(Event::Close(code));
             }
         }
@@ -269,9 +270,10 @@ fn data_event(opcode: u8, payload: &[u8]) -> Event<'_> {
 
 /// Source of masking keys and handshake nonces (xorshift64*).
 ///
-/// RFC 6455 asks for unpredictable masks to protect proxies from cache
-/// poisoning; a load generator that talks to its own broker on loopback
-/// needs only varying ones, so a fast generator seeded from the clock is used.
+/// RFC 6455 section 5.3 requires unpredictable masks, which protect proxies
+/// from cache poisoning. A load generator that talks to its own broker on
+/// loopback needs only varying masks, so a fast generator seeded from the
+/// clock is enough.
 pub struct MaskSource(u64);
 
 impl MaskSource {
@@ -442,7 +444,10 @@ mod tests {
             (vec![0x83, 0x00], FrameError::UnknownOpcode(3)),
             (vec![0x09, 0x00], FrameError::InvalidControlFrame),
             (vec![0x80, 0x00], FrameError::InvalidFragmentation),
-            (server_frame(0x81, &[b'z'; 200]), FrameError::MessageTooLong(200)),
+            (
+                server_frame(0x81, &[b'z'; 200]),
+                FrameError::MessageTooLong(200),
+            ),
         ];
         for (bytes, expected) in cases {
             let mut reader = FrameReader::new(4096, 100);

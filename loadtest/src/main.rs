@@ -1,11 +1,12 @@
 //! `nexus-loadtest`: load generator for NexusNode (and Pusher-protocol
 //! brokers such as Sockudo).
 //!
-//! - [`cli`]: options and the checked run configuration.
+//! - [`cli`]: options; [`config`]: the checked run configuration.
 //! - [`coordinator`]: starts shards on threads or in worker processes
 //!   ([`worker`]), samples the node processes, merges results.
 //! - [`shard`]: one single-threaded runtime with its share of the clients:
-//!   [`subscriber`] (the delivery hot path), [`publisher`] and [`pusher`]
+//!   [`subscriber`] with its [`inbox`] (the delivery hot path),
+//!   [`publisher`] and [`pusher`]
 //!   (Pusher HTTP API publishing).
 //! - [`ws`]: WebSocket handshake; [`frame`]: frame reader and writer;
 //!   [`payload`]: stamped payloads; [`track`]: order checks and in-flight
@@ -14,8 +15,10 @@
 //!   final JSON line and text; [`svg`]: the percentile plot.
 
 mod cli;
+mod config;
 mod coordinator;
 mod frame;
+mod inbox;
 mod payload;
 mod placement;
 mod procfs;
@@ -36,7 +39,8 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, RunConfig};
+use crate::cli::{Cli, Command};
+use crate::config::RunConfig;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

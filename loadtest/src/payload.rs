@@ -2,10 +2,10 @@
 //!
 //! Every published `data` value is the JSON object
 //! `{"t":<ns>,"s":<seq>,"p":<publisher>,"x":"<padding>"}`, with the fields in
-//! that order. `t` is the send time in nanoseconds of `CLOCK_REALTIME`, so
-//! processes on one machine share it; `s` is the publisher's message counter
-//! and `p` the publisher's index. Subscribers find the stamp with one
-//! substring search and parse three integers, never the whole JSON.
+//! that order. `t` is the send time in nanoseconds of `CLOCK_REALTIME`, a
+//! clock that all processes on one machine share. `s` is the publisher's
+//! message counter and `p` the publisher's index. Subscribers find the stamp
+//! with one substring search and parse three integers, never the whole JSON.
 
 use std::io::Write;
 
@@ -161,7 +161,7 @@ mod tests {
     }
 
     #[test]
-    fn escaped_data_is_a_valid_json_string_of_size() {
+    fn escaped_data_is_valid_json_string() {
         let mut out = b"\"".to_vec();
         write_data(&mut out, &STAMP, 100, true);
         out.push(b'"');

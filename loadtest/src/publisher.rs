@@ -15,15 +15,16 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::sleep_until;
 
-use crate::cli::{Protocol, RunConfig};
+use crate::cli::Protocol;
+use crate::config::RunConfig;
+use crate::frame::{self, Event, FrameReader, MaskSource};
+use crate::inbox::error_code;
 use crate::payload::{write_publish, Stamp};
 use crate::placement::TopicCycle;
 use crate::procfs::now_ns;
 use crate::pusher::{App, HttpPublisher};
 use crate::report::add_to_bucket;
-use crate::shard::Shard;
-use crate::subscriber::error_code;
-use crate::frame::{self, Event, FrameReader, MaskSource};
+use crate::shard::{Shard, Timeline};
 use crate::ws::{self, WsUrl};
 
 /// Maximum messages written in one batch.
@@ -32,7 +33,7 @@ const MAX_BATCH: u64 = 256;
 /// Shortest wait before a publisher gives up on missing receipts.
 const MIN_GIVE_UP: Duration = Duration::from_secs(1);
 
-/// What one publisher does.
+/// Settings of one publisher: node, topics, message cap and rate.
 pub struct PubSpec {
     pub index: u32,
     pub url: WsUrl,
@@ -52,15 +53,23 @@ impl PubSpec {
     pub fn new(config: &RunConfig, index: u32) -> PubSpec {
         let placement = &config.placement;
         let cycle = placement.publisher_topics(index);
-        let topics: Vec<u32> = (0..u64::from(cycle.count)).map(|seq| cycle.topic(seq)).collect();
+        let topics: Vec<u32> = (0..u64::from(cycle.count))
+            .map(|seq| cycle.topic(seq))
+            .collect();
         let publishers = f64::from(placement.publishers);
         PubSpec {
             index,
             url: config.urls[placement.publisher_url(index)].clone(),
             bind: config.bind_ip(placement.subscribers + index),
             cycle,
-            topic_names: topics.iter().map(|&topic| config.topic_name(topic)).collect(),
-            receivers: topics.iter().map(|&topic| placement.receivers(topic)).collect(),
+            topic_names: topics
+                .iter()
+                .map(|&topic| config.topic_name(topic))
+                .collect(),
+            receivers: topics
+                .iter()
+                .map(|&topic| placement.receivers(topic))
+                .collect(),
             cap: config
                 .common
                 .messages
@@ -136,68 +145,53 @@ pub async fn run(shard: Rc<Shard>, mut client: Client) {
     let Some(timeline) = shard.timeline() else {
         return;
     };
-    let index = client.spec.index;
-    let give_up_after = shard.config.drain.max(MIN_GIVE_UP);
     let mut out = Vec::with_capacity(64 * 1024);
     let mut seq = 0u64;
     let mut blocked_since: Option<Instant> = None;
-    loop {
-        let now = Instant::now();
-        if now >= timeline.publish_end || seq >= client.spec.cap {
-            break;
-        }
+    while Instant::now() < timeline.publish_end && seq < client.spec.cap {
         let due = client
             .spec
             .rate
-            .map_or(u64::MAX, |rate| due_count(now - timeline.go, rate, seq));
-        let window = shard.inflight.room(index);
+            .map_or(u64::MAX, |rate| due_count(timeline.go.elapsed(), rate, seq));
+        let window = shard.inflight.room(client.spec.index);
         let count = due
             .min(window)
             .min(client.conn.room())
             .min(client.spec.cap - seq)
             .min(MAX_BATCH);
-        if count > 0 {
+        let result = if count > 0 {
             blocked_since = None;
             out.clear();
             client.write_batch(&shard, &mut out, seq, count);
             seq += count;
-            if let Err(error) = client.conn.send(&out).await {
-                client.record_failure(&shard, &error);
-                return;
-            }
-            continue;
-        }
-
-        let mut wake = timeline.publish_end;
-        if let Some(rate) = client.spec.rate.filter(|_| due == 0) {
-            wake = wake.min(timeline.go + Duration::from_secs_f64(seq as f64 / rate));
-        }
-        if window == 0 {
-            let since = *blocked_since.get_or_insert(now);
-            if now >= since + give_up_after {
-                shard.inflight.give_up(index);
-                shard.report.borrow_mut().counts.window_give_ups += 1;
-                blocked_since = None;
-                continue;
-            }
-            wake = wake.min(since + give_up_after);
-        }
-        tokio::select! {
-            () = shard.inflight.changed(index), if window == 0 => {}
-            () = sleep_until(wake.into()) => {}
-            ready = client.conn.stream().readable() => {
-                let polled = match ready {
-                    Ok(()) => client.conn.poll(&shard).await,
-                    Err(error) => Err(error),
-                };
-                if let Err(error) = polled {
-                    client.record_failure(&shard, &error);
-                    return;
-                }
-            }
+            client.conn.send(&out).await
+        } else {
+            let waiting = Waiting {
+                seq,
+                due,
+                window,
+                blocked_since: &mut blocked_since,
+            };
+            client.wait(&shard, &timeline, waiting).await
+        };
+        if let Err(error) = result {
+            client.record_failure(&shard, &error);
+            return;
         }
     }
     client.finish(&shard, timeline.end).await;
+}
+
+/// State of a publisher that cannot send now.
+struct Waiting<'a> {
+    /// Messages sent so far.
+    seq: u64,
+    /// Messages due by the rate schedule.
+    due: u64,
+    /// Room left in the in-flight window.
+    window: u64,
+    /// Start of the current wait for window room.
+    blocked_since: &'a mut Option<Instant>,
 }
 
 /// Returns how many messages are due `elapsed` after the start at `rate`
@@ -208,6 +202,43 @@ fn due_count(elapsed: Duration, rate: f64, sent: u64) -> u64 {
 }
 
 impl Client {
+    /// Waits until the next message is due, the in-flight window has room,
+    /// or the server sent something, which it handles. Gives the window up
+    /// when receipts have not come for the drain time (at least 1 s).
+    async fn wait(
+        &mut self,
+        shard: &Shard,
+        timeline: &Timeline,
+        waiting: Waiting<'_>,
+    ) -> io::Result<()> {
+        let now = Instant::now();
+        let index = self.spec.index;
+        let mut wake = timeline.publish_end;
+        if let Some(rate) = self.spec.rate.filter(|_| waiting.due == 0) {
+            let next_due = Duration::from_secs_f64(waiting.seq as f64 / rate);
+            wake = wake.min(timeline.go + next_due);
+        }
+        if waiting.window == 0 {
+            let since = *waiting.blocked_since.get_or_insert(now);
+            let give_up_at = since + shard.config.drain.max(MIN_GIVE_UP);
+            if now >= give_up_at {
+                shard.inflight.give_up(index);
+                shard.report.borrow_mut().counts.window_give_ups += 1;
+                *waiting.blocked_since = None;
+                return Ok(());
+            }
+            wake = wake.min(give_up_at);
+        }
+        tokio::select! {
+            () = shard.inflight.changed(index), if waiting.window == 0 => Ok(()),
+            () = sleep_until(wake.into()) => Ok(()),
+            ready = self.conn.stream().readable() => match ready {
+                Ok(()) => self.conn.poll(shard).await,
+                Err(error) => Err(error),
+            },
+        }
+    }
+
     /// Writes messages `first..first + count` into `out` and records them.
     fn write_batch(&mut self, shard: &Shard, out: &mut Vec<u8>, first: u64, count: u64) {
         let sent_ns = now_ns();
@@ -230,7 +261,9 @@ impl Client {
 
         // Record before sending, so that no delivery can precede its publish.
         shard.inflight.on_publish(self.spec.index, count);
-        let bucket = shard.timeline().map_or(0, |timeline| timeline.bucket(sent_ns));
+        let bucket = shard
+            .timeline()
+            .map_or(0, |timeline| timeline.bucket(sent_ns));
         let mut report = shard.report.borrow_mut();
         report.counts.published += count;
         report.counts.expected += expected;
@@ -251,7 +284,12 @@ impl Client {
             Conn::Nexus(conn) => {
                 let _ = conn.poll(shard).await;
                 let mut close = Vec::new();
-                frame::write_frame(&mut close, frame::OPCODE_CLOSE, &1000u16.to_be_bytes(), conn.masks.next_mask());
+                frame::write_frame(
+                    &mut close,
+                    frame::OPCODE_CLOSE,
+                    &1000u16.to_be_bytes(),
+                    conn.masks.next_mask(),
+                );
                 let _ = conn.stream.write_all(&close).await;
             }
             Conn::Pusher(http) => {
@@ -312,10 +350,16 @@ impl WsConn {
     fn write_publish(&mut self, out: &mut Vec<u8>, topic: &str, stamp: &Stamp, size: usize) {
         self.scratch.clear();
         write_publish(&mut self.scratch, topic, stamp, size);
-        frame::write_frame(out, frame::OPCODE_TEXT, &self.scratch, self.masks.next_mask());
+        frame::write_frame(
+            out,
+            frame::OPCODE_TEXT,
+            &self.scratch,
+            self.masks.next_mask(),
+        );
     }
 
-    /// Reads what is available: counts error replies, answers pings.
+    /// Reads the bytes available without waiting, counts error replies and
+    /// replies to pings with pongs.
     async fn poll(&mut self, shard: &Shard) -> io::Result<()> {
         loop {
             match self.stream.try_read(self.reader.spare()) {
@@ -340,7 +384,9 @@ impl WsConn {
                     report.count_error(&format!("publish:{}", error_code(text)));
                 }
             }
-            Event::Ping(payload) => frame::write_frame(replies, frame::OPCODE_PONG, payload, masks.next_mask()),
+            Event::Ping(payload) => {
+                frame::write_frame(replies, frame::OPCODE_PONG, payload, masks.next_mask())
+            }
             Event::Close(_) => closed = true,
             Event::Binary(_) | Event::Pong => {}
         });
@@ -350,7 +396,10 @@ impl WsConn {
             self.replies.clear();
         }
         if closed {
-            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "server sent close"));
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "server sent close",
+            ));
         }
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! Publishing through the Pusher HTTP API (`POST /apps/APP_ID/events`).
 //!
-//! Requests are signed as the Pusher HTTP API specifies: the query holds
+//! Requests are signed as the Pusher HTTP API specifies: the query contains
 //! `auth_key`, `auth_timestamp`, `auth_version=1.0` and `body_md5` (hex MD5
 //! of the body), sorted by name, and `auth_signature` is the hex
 //! HMAC-SHA256, keyed with the app secret, of `POST\n<path>\n<query>`.
@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use crate::payload::{write_pusher_event, Stamp};
 use crate::ws::{connect_tcp, WsUrl};
 
-/// Maximum requests sent and not yet answered on one connection.
+/// Maximum requests on one connection that have no response yet.
 const MAX_PIPELINE: u64 = 128;
 
 /// Maximum size of one response, head and body.
@@ -64,7 +64,7 @@ pub struct HttpPublisher {
     path: String,
     body: Vec<u8>,
     responses: Vec<u8>,
-    /// Requests sent and not yet answered.
+    /// Requests sent that have no response yet.
     pub outstanding: u64,
 }
 
@@ -160,14 +160,20 @@ fn parse_response(bytes: &[u8]) -> io::Result<Option<(u16, usize)>> {
             .headers
             .iter()
             .find(|header| header.name.eq_ignore_ascii_case(name))
-            .map(|header| String::from_utf8_lossy(header.value).trim().to_ascii_lowercase())
+            .map(|header| {
+                String::from_utf8_lossy(header.value)
+                    .trim()
+                    .to_ascii_lowercase()
+            })
     };
     let body = &bytes[head_len..];
     let body_len = if header("transfer-encoding").is_some_and(|value| value.contains("chunked")) {
         chunked_len(body)?
     } else {
         let length: usize = match header("content-length") {
-            Some(value) => value.parse().map_err(|_| invalid("invalid Content-Length"))?,
+            Some(value) => value
+                .parse()
+                .map_err(|_| invalid("invalid Content-Length"))?,
             None => 0,
         };
         (body.len() >= length).then_some(length)
@@ -184,8 +190,8 @@ fn chunked_len(body: &[u8]) -> io::Result<Option<usize>> {
         };
         let line = String::from_utf8_lossy(&body[at..at + line_end]);
         let size_text = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| invalid("invalid chunk size"))?;
+        let size =
+            usize::from_str_radix(size_text, 16).map_err(|_| invalid("invalid chunk size"))?;
         at += line_end + 2;
         if size == 0 {
             // No trailers are expected; the body ends with an empty line.
@@ -229,7 +235,9 @@ mod tests {
         let bytes = text.as_bytes();
         let (status, first) = parse_response(bytes).expect("valid").expect("complete");
         assert_eq!(status, 200);
-        let (status, second) = parse_response(&bytes[first..]).expect("valid").expect("complete");
+        let (status, second) = parse_response(&bytes[first..])
+            .expect("valid")
+            .expect("complete");
         assert_eq!(status, 413);
         let rest = &bytes[first + second..];
         assert_eq!(parse_response(rest).expect("valid"), None);
@@ -239,7 +247,10 @@ mod tests {
     fn incomplete_chunked_body_waits() {
         assert_eq!(chunked_len(b"5\r\nab").expect("valid"), None);
         assert_eq!(chunked_len(b"0\r\n").expect("valid"), None);
-        assert_eq!(chunked_len(b"2\r\nab\r\n0\r\n\r\n").expect("valid"), Some(12));
+        assert_eq!(
+            chunked_len(b"2\r\nab\r\n0\r\n\r\n").expect("valid"),
+            Some(12)
+        );
         assert!(chunked_len(b"zz\r\n").is_err());
     }
 }

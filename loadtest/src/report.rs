@@ -38,7 +38,8 @@ impl Hist {
 
     /// Adds every value of `other`.
     pub fn merge(&mut self, other: &Hist) {
-        // Both histograms have the same bounds, so adding cannot fail.
+        // Every `Hist` is built by `Default` (also when deserialized), so
+        // both have the same bounds and adding cannot fail.
         let _ = self.0.add(&other.0);
     }
 
@@ -128,9 +129,10 @@ pub struct ConnectStats {
     pub connected: u64,
     pub first_start_ns: Option<i64>,
     pub last_ready_ns: Option<i64>,
-    /// From the start of the TCP connect to the `101` response.
+    /// Microseconds from the start of the TCP connect to the `101` response.
     pub handshake_us: Hist,
-    /// From the start of the TCP connect to the subscription's confirmation.
+    /// Microseconds from the start of the TCP connect to the subscription's
+    /// confirmation.
     pub subscribed_us: Hist,
 }
 
@@ -159,7 +161,8 @@ pub struct StormStats {
     /// Reconnect attempts, retries included.
     pub attempts: u64,
     pub failures: u64,
-    /// From a client's drop to its new subscription's confirmation.
+    /// Microseconds from a client's drop to its new subscription's
+    /// confirmation.
     pub reconnect_us: Hist,
 }
 
@@ -206,7 +209,7 @@ impl CpuSeries {
     }
 }
 
-/// Everything one shard, or several merged shards, measured.
+/// Measurements of one shard, or of several merged shards.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct ShardReport {
     /// Number of shards merged into this report.

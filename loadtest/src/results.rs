@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::{protocol_name, RunConfig, Scenario};
+use crate::cli::protocol_name;
+use crate::config::{RunConfig, Scenario};
 use crate::coordinator::NodeSamples;
 use crate::procfs::Memory;
 use crate::report::{Hist, ShardReport, BUCKET_NS};
@@ -104,7 +105,8 @@ pub struct ConnectionsReport {
     pub connected: u64,
     pub attempts: u64,
     pub failures: u64,
-    /// From the first connection attempt to the last confirmed subscription.
+    /// Seconds from the first connection attempt to the last confirmed
+    /// subscription.
     pub connect_s: Option<f64>,
     pub connect_rate_per_s: Option<f64>,
     pub handshake_us: Option<Summary>,
@@ -120,7 +122,7 @@ pub struct StormReport {
     pub reconnected: u64,
     /// Clients that had no connection when the run ended.
     pub not_reconnected: u64,
-    /// From the first drop to the last confirmed resubscription.
+    /// Seconds from the first drop to the last confirmed resubscription.
     pub all_back_s: Option<f64>,
     pub attempts: u64,
     pub failures: u64,
@@ -189,7 +191,12 @@ impl Window {
 }
 
 /// Computes the final results from the merged shard reports.
-pub fn build(config: &RunConfig, merged: &ShardReport, samples: &NodeSamples, go_ns: i64) -> Report {
+pub fn build(
+    config: &RunConfig,
+    merged: &ShardReport,
+    samples: &NodeSamples,
+    go_ns: i64,
+) -> Report {
     let window = measured_window(config, merged, go_ns);
     let secs = window.secs();
     let rate = |count: u64| if secs > 0.0 { count as f64 / secs } else { 0.0 };
@@ -225,7 +232,11 @@ pub fn build(config: &RunConfig, merged: &ShardReport, samples: &NodeSamples, go
         percentiles: percentiles(&merged.latency_us),
         node: NodeReport {
             deliveries_per_cpu_s: node_per_cpu(&node, delivered_in_window),
-            cores: node.iter().filter_map(|pid| pid.cpu_s).reduce(|a, b| a + b).map(|cpu| cpu / secs.max(1e-9)),
+            cores: node
+                .iter()
+                .filter_map(|pid| pid.cpu_s)
+                .reduce(|a, b| a + b)
+                .map(|cpu| cpu / secs.max(1e-9)),
             cpu_s: node.iter().filter_map(|pid| pid.cpu_s).reduce(|a, b| a + b),
             pids: node,
         },
@@ -259,9 +270,9 @@ fn measured_window(config: &RunConfig, merged: &ShardReport, go_ns: i64) -> Wind
         _ => {
             // End at the bucket of the last publish when the message cap
             // stopped the publishers early.
-            let last_bucket_end = merged
-                .last_publish_ns
-                .map_or(warmup_end, |last| go_ns + ((last - go_ns) / BUCKET_NS + 1) * BUCKET_NS);
+            let last_bucket_end = merged.last_publish_ns.map_or(warmup_end, |last| {
+                go_ns + ((last - go_ns) / BUCKET_NS + 1) * BUCKET_NS
+            });
             Window {
                 start_ns: warmup_end,
                 end_ns: planned_end.min(last_bucket_end).max(warmup_end),
@@ -304,7 +315,12 @@ fn percentiles(hist: &Hist) -> Vec<(f64, u64)> {
     points
 }
 
-fn node_report(config: &RunConfig, merged: &ShardReport, samples: &NodeSamples, window: Window) -> Vec<PidReport> {
+fn node_report(
+    config: &RunConfig,
+    merged: &ShardReport,
+    samples: &NodeSamples,
+    window: Window,
+) -> Vec<PidReport> {
     let connections = merged.connect.connected.max(1) as f64;
     config
         .common
@@ -312,7 +328,9 @@ fn node_report(config: &RunConfig, merged: &ShardReport, samples: &NodeSamples, 
         .iter()
         .map(|&pid| {
             let find = |list: &[(u32, Option<Memory>)]| {
-                list.iter().find(|(id, _)| *id == pid).and_then(|(_, memory)| memory.clone())
+                list.iter()
+                    .find(|(id, _)| *id == pid)
+                    .and_then(|(_, memory)| memory.clone())
             };
             let before = find(&samples.memory_before);
             let measured = find(&samples.memory_measured);
@@ -329,7 +347,9 @@ fn node_report(config: &RunConfig, merged: &ShardReport, samples: &NodeSamples, 
             let cpu = samples.cpu.iter().find(|(id, _)| *id == pid);
             PidReport {
                 pid,
-                cpu_s: cpu.and_then(|(_, series)| series.spent(window.start_ns, window.end_ns)).map(|ns| ns / 1e9),
+                cpu_s: cpu
+                    .and_then(|(_, series)| series.spent(window.start_ns, window.end_ns))
+                    .map(|ns| ns / 1e9),
                 rss_bytes_per_connection: growth(|memory| Some(memory.rss_kib)),
                 pss_bytes_per_connection: growth(|memory| memory.pss_kib),
                 memory_before: before,
@@ -362,20 +382,37 @@ fn generator_report(config: &RunConfig, merged: &ShardReport, window: Window) ->
     }
 }
 
-fn connections_report(config: &RunConfig, merged: &ShardReport, samples: &NodeSamples) -> ConnectionsReport {
+fn connections_report(
+    config: &RunConfig,
+    merged: &ShardReport,
+    samples: &NodeSamples,
+) -> ConnectionsReport {
     let connect = &merged.connect;
     let connect_s = match (connect.first_start_ns, connect.last_ready_ns) {
         (Some(first), Some(last)) => Some((last - first).max(0) as f64 / 1e9),
         _ => None,
     };
-    let per_pid = node_report(config, merged, samples, Window { start_ns: 0, end_ns: 0 });
-    let rss = per_pid.iter().filter_map(|pid| pid.rss_bytes_per_connection).reduce(|a, b| a + b);
+    let per_pid = node_report(
+        config,
+        merged,
+        samples,
+        Window {
+            start_ns: 0,
+            end_ns: 0,
+        },
+    );
+    let rss = per_pid
+        .iter()
+        .filter_map(|pid| pid.rss_bytes_per_connection)
+        .reduce(|a, b| a + b);
     ConnectionsReport {
         target: config.placement.subscribers,
         connected: connect.connected,
         attempts: connect.attempts,
         failures: connect.failures,
-        connect_rate_per_s: connect_s.filter(|secs| *secs > 0.0).map(|secs| connect.connected as f64 / secs),
+        connect_rate_per_s: connect_s
+            .filter(|secs| *secs > 0.0)
+            .map(|secs| connect.connected as f64 / secs),
         connect_s,
         handshake_us: Summary::of(&connect.handshake_us),
         subscribed_us: Summary::of(&connect.subscribed_us),
@@ -386,7 +423,9 @@ fn connections_report(config: &RunConfig, merged: &ShardReport, samples: &NodeSa
 fn storm_report(merged: &ShardReport) -> StormReport {
     let storm = &merged.storm;
     let all_back_s = match (storm.first_drop_ns, storm.last_back_ns) {
-        (Some(first), Some(last)) if storm.reconnected >= storm.dropped => Some((last - first).max(0) as f64 / 1e9),
+        (Some(first), Some(last)) if storm.reconnected >= storm.dropped => {
+            Some((last - first).max(0) as f64 / 1e9)
+        }
         _ => None,
     };
     StormReport {

@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
 
-use crate::cli::{Protocol, RunConfig, Scenario};
+use crate::cli::Protocol;
+use crate::config::{RunConfig, Scenario};
 use crate::payload::StampFinder;
 use crate::procfs::{now_ns, thread_cpu_ns};
 use crate::publisher::{self, PubSpec};
@@ -27,7 +28,7 @@ use crate::track::InFlight;
 /// Interval of the shard's CPU time samples.
 const CPU_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// What the clients of a shard should be doing.
+/// Step of the run that the clients of a shard follow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     Setup,
@@ -99,7 +100,8 @@ pub struct Shard {
 }
 
 impl Shard {
-    fn new(config: Arc<RunConfig>, index: u32) -> Shard {
+    /// Creates the state of shard `index`, before setup.
+    pub fn new(config: Arc<RunConfig>, index: u32) -> Shard {
         let inflight = InFlight::new(&config.placement, index, config.in_flight);
         Shard {
             finder: StampFinder::new(config.common.protocol == Protocol::Pusher),
@@ -216,9 +218,7 @@ async fn run_shard(
 }
 
 /// Connects this shard's subscribers, then its publishers.
-async fn setup(
-    shard: &Rc<Shard>,
-) -> Result<(Vec<JoinHandle<()>>, Vec<publisher::Client>), String> {
+async fn setup(shard: &Rc<Shard>) -> Result<(Vec<JoinHandle<()>>, Vec<publisher::Client>), String> {
     let config = &shard.config;
     let placement = &config.placement;
     let local = placement.local_subscribers(shard.index);
@@ -264,7 +264,12 @@ async fn wait_for_end(shard: &Shard, timeline: &Timeline) {
 /// A shard without publishers cannot see when the others stop, so its quiet
 /// period starts at the planned end of publishing.
 async fn wait_for_drain(shard: &Shard, timeline: &Timeline) {
-    if shard.config.placement.local_publishers(shard.index).is_empty() {
+    if shard
+        .config
+        .placement
+        .local_publishers(shard.index)
+        .is_empty()
+    {
         sleep_until(timeline.publish_end.into()).await;
     }
     let drain_ns = shard.config.drain.as_nanos() as i64;

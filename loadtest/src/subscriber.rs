@@ -1,27 +1,25 @@
-//! Subscriber connections: setup, the delivery hot path and reconnects.
+//! Subscriber connections: setup, the read loop and storm reconnects.
 //!
-//! Per delivery a subscriber searches the stamp, updates one sequence track,
-//! records one histogram value and one in-flight receipt. Everything else
-//! (counters, buckets) is per read or per connection.
+//! Messages are handled by the subscriber's [`Inbox`]; counters and
+//! delivery buckets are updated per read or per connection, not per message.
 
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use memchr::memmem;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep, sleep_until, timeout};
 
-use crate::cli::{Protocol, RunConfig, Scenario};
-use crate::payload::{Stamp, PUSHER_EVENT};
+use crate::cli::Protocol;
+use crate::config::{RunConfig, Scenario};
+use crate::frame::{self, FrameError, FrameReader, MaskSource};
+use crate::inbox::{subscribe_request, Inbox};
 use crate::placement::TopicCycle;
 use crate::procfs::now_ns;
-use crate::report::{add_to_bucket, Counts};
+use crate::report::add_to_bucket;
 use crate::shard::{Phase, Shard};
-use crate::track::{Arrival, SeqTrack};
-use crate::frame::{self, Event, FrameError, FrameReader, MaskSource};
 use crate::ws::{self, ConnectError, WsUrl};
 
 /// Connection attempts per subscriber during setup.
@@ -33,7 +31,8 @@ const MAX_MESSAGE: usize = 1 << 20;
 /// First and longest pause between reconnect attempts in a storm.
 const RECONNECT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 
-/// What one subscriber does: where, on which topic, and whom it hears.
+/// Settings of one subscriber: node, topic and the publishers it receives
+/// from.
 pub struct SubSpec {
     pub index: u32,
     pub url: WsUrl,
@@ -75,7 +74,7 @@ impl SubSpec {
     }
 }
 
-/// Why a connection's read loop returned.
+/// Reason a connection's read loop returned.
 enum Outcome {
     Stop,
     StormNow,
@@ -83,34 +82,20 @@ enum Outcome {
     Dropped(String),
 }
 
-/// Per-connection protocol state and the subscriber's own counters.
-struct State {
-    protocol: Protocol,
-    tracks: Vec<SeqTrack>,
-    first_sender: u32,
-    cycle: TopicCycle,
-    counts: Counts,
-    /// Deliveries in the current read.
-    batch: u64,
-    established: bool,
-    subscribed: bool,
-    setup_error: Option<String>,
-    closed: Option<Option<u16>>,
-    /// Framed replies waiting to be written.
-    replies: Vec<u8>,
-    masks: MaskSource,
-}
-
 struct Subscriber {
     shard: Rc<Shard>,
     spec: SubSpec,
     reader: FrameReader,
-    state: State,
+    state: Inbox,
 }
 
 /// Runs one subscriber: sets it up, reports on `ready`, then serves
 /// deliveries until the shard stops.
-pub async fn run(shard: Rc<Shard>, spec: SubSpec, ready: mpsc::UnboundedSender<Result<(), String>>) {
+pub async fn run(
+    shard: Rc<Shard>,
+    spec: SubSpec,
+    ready: mpsc::UnboundedSender<Result<(), String>>,
+) {
     let mut phase = shard.phase.subscribe();
     let mut subscriber = Subscriber::new(shard, spec);
     let mut stream = match subscriber.open_for_setup().await {
@@ -145,24 +130,21 @@ pub async fn run(shard: Rc<Shard>, spec: SubSpec, ready: mpsc::UnboundedSender<R
 
 impl Subscriber {
     fn new(shard: Rc<Shard>, spec: SubSpec) -> Subscriber {
-        let capacity = if shard.config.scenario.publishes() { 16 * 1024 } else { 1024 };
+        let capacity = if shard.config.scenario.publishes() {
+            16 * 1024
+        } else {
+            1024
+        };
         let masks = MaskSource::new(shard.next_seed());
         Subscriber {
             reader: FrameReader::new(capacity, MAX_MESSAGE),
-            state: State {
-                protocol: shard.config.common.protocol,
-                tracks: vec![SeqTrack::default(); spec.senders as usize],
-                first_sender: spec.first_sender,
-                cycle: spec.cycle,
-                counts: Counts::default(),
-                batch: 0,
-                established: false,
-                subscribed: false,
-                setup_error: None,
-                closed: None,
-                replies: Vec::new(),
+            state: Inbox::new(
+                shard.config.common.protocol,
+                spec.first_sender,
+                spec.senders,
+                spec.cycle,
                 masks,
-            },
+            ),
             shard,
             spec,
         }
@@ -212,7 +194,9 @@ impl Subscriber {
                 let connect = &mut report.connect;
                 connect.connected += 1;
                 connect.handshake_us.record(handshake.as_micros() as u64);
-                connect.subscribed_us.record(started.elapsed().as_micros() as u64);
+                connect
+                    .subscribed_us
+                    .record(started.elapsed().as_micros() as u64);
                 connect.last_ready_ns = connect.last_ready_ns.max(Some(now_ns()));
                 Ok(stream)
             }
@@ -236,7 +220,9 @@ impl Subscriber {
         .await
         .map_err(OpenError::Connect)?;
         let handshake = started.elapsed();
-        self.subscribe(&mut stream).await.map_err(OpenError::Subscribe)?;
+        self.subscribe(&mut stream)
+            .await
+            .map_err(OpenError::Subscribe)?;
         Ok((stream, handshake))
     }
 
@@ -254,12 +240,16 @@ impl Subscriber {
                 self.state.queue(frame::OPCODE_TEXT, request.as_bytes());
                 sent = true;
             }
-            self.write_replies(stream).await.map_err(|error| error.to_string())?;
+            self.write_replies(stream)
+                .await
+                .map_err(|error| error.to_string())?;
             if self.state.subscribed {
                 return Ok(());
             }
             if self.state.closed.is_some() {
-                return Err("server closed the connection before confirming the subscription".into());
+                return Err(
+                    "server closed the connection before confirming the subscription".into(),
+                );
             }
             let read = stream
                 .read(self.reader.spare())
@@ -273,7 +263,11 @@ impl Subscriber {
     }
 
     /// Reads and handles messages until the phase or the connection ends.
-    async fn serve(&mut self, stream: &mut TcpStream, phase: &mut watch::Receiver<Phase>) -> Outcome {
+    async fn serve(
+        &mut self,
+        stream: &mut TcpStream,
+        phase: &mut watch::Receiver<Phase>,
+    ) -> Outcome {
         // React to the current phase only if it is the end: a client back
         // from a storm must not take the storm phase as a new order.
         if *phase.borrow_and_update() == Phase::Stop {
@@ -320,11 +314,16 @@ impl Subscriber {
         let timeline = shard.timeline();
         let measure_start_ns = timeline.map_or(i64::MAX, |timeline| timeline.measure_start_ns);
         state.batch = 0;
-        let result = reader.read_events(|event| state.on_event(shard, event, now_ns, measure_start_ns));
+        let result =
+            reader.read_events(|event| state.on_event(shard, event, now_ns, measure_start_ns));
         if state.batch > 0 {
             if let Some(timeline) = timeline {
                 let mut report = shard.report.borrow_mut();
-                add_to_bucket(&mut report.delivery_buckets, timeline.bucket(now_ns), state.batch);
+                add_to_bucket(
+                    &mut report.delivery_buckets,
+                    timeline.bucket(now_ns),
+                    state.batch,
+                );
             }
             shard.last_delivery_ns.set(now_ns);
         }
@@ -345,7 +344,10 @@ impl Subscriber {
     async fn reconnect(&mut self, phase: &watch::Receiver<Phase>) -> Option<TcpStream> {
         let dropped = Instant::now();
         self.record_drop();
-        let end = self.shard.timeline().map_or(dropped, |timeline| timeline.end);
+        let end = self
+            .shard
+            .timeline()
+            .map_or(dropped, |timeline| timeline.end);
         let mut backoff = RECONNECT_BACKOFF.0;
         loop {
             let now = Instant::now();
@@ -394,15 +396,23 @@ impl Subscriber {
         let shard = &self.shard;
         let mut report = shard.report.borrow_mut();
         report.storm.reconnected += 1;
-        report.storm.reconnect_us.record(dropped.elapsed().as_micros() as u64);
+        report
+            .storm
+            .reconnect_us
+            .record(dropped.elapsed().as_micros() as u64);
         report.storm.last_back_ns = report.storm.last_back_ns.max(Some(now_ns()));
-        shard.storm_down.set(shard.storm_down.get().saturating_sub(1));
+        shard
+            .storm_down
+            .set(shard.storm_down.get().saturating_sub(1));
         shard.storm_changed.notify_one();
     }
 
     fn record_disconnect(&mut self, reason: &str) {
         self.state.counts.disconnects += 1;
-        self.shard.report.borrow_mut().count_error(&format!("disconnect:{reason}"));
+        self.shard
+            .report
+            .borrow_mut()
+            .count_error(&format!("disconnect:{reason}"));
         self.shard.inflight.on_subscriber_lost(self.spec.topic);
     }
 
@@ -422,102 +432,8 @@ impl Subscriber {
     }
 }
 
-impl State {
-    fn start_session(&mut self) {
-        self.established = false;
-        self.subscribed = false;
-        self.setup_error = None;
-        self.closed = None;
-        self.replies.clear();
-    }
-
-    /// Frames a message for the server and queues it.
-    fn queue(&mut self, opcode: u8, payload: &[u8]) {
-        let mask = self.masks.next_mask();
-        frame::write_frame(&mut self.replies, opcode, payload, mask);
-    }
-
-    fn on_event(&mut self, shard: &Shard, event: Event<'_>, now_ns: i64, measure_start_ns: i64) {
-        match event {
-            Event::Text(text) => match shard.finder.find(text) {
-                Some(stamp) => self.on_delivery(shard, stamp, now_ns, measure_start_ns),
-                None => self.on_control(shard, text),
-            },
-            Event::Binary(_) => self.counts.unparsed += 1,
-            Event::Ping(payload) => self.queue(frame::OPCODE_PONG, payload),
-            Event::Pong => {}
-            Event::Close(code) => {
-                let echo = code.map(u16::to_be_bytes);
-                self.queue(frame::OPCODE_CLOSE, echo.as_ref().map_or(&[][..], |code| &code[..]));
-                self.closed = Some(code);
-            }
-        }
-    }
-
-    /// The hot path: one stamped message arrived.
-    fn on_delivery(&mut self, shard: &Shard, stamp: Stamp, now_ns: i64, measure_start_ns: i64) {
-        self.counts.received += 1;
-        self.batch += 1;
-        let slot = stamp.publisher.wrapping_sub(self.first_sender) as usize;
-        match self.tracks.get_mut(slot) {
-            Some(track) => match track.observe(self.cycle.topic_seq(stamp.seq)) {
-                Arrival::InOrder => {}
-                Arrival::Duplicate => self.counts.duplicated += 1,
-                Arrival::Late => self.counts.out_of_order += 1,
-            },
-            None => self.counts.unexpected += 1,
-        }
-        if stamp.sent_ns >= measure_start_ns {
-            let micros = (now_ns - stamp.sent_ns).max(0) as u64 / 1000;
-            shard.report.borrow_mut().latency_us.record(micros);
-        }
-        shard.inflight.on_delivery(stamp.publisher, stamp.seq);
-    }
-
-    /// Handles a text message without a stamp: confirmations, errors and
-    /// Pusher pings.
-    fn on_control(&mut self, shard: &Shard, text: &[u8]) {
-        let has = |needle: &str| memmem::find(text, needle.as_bytes()).is_some();
-        let (confirmed, error, ours) = match self.protocol {
-            Protocol::Nexus => (
-                has(r#""type":"subscribed""#),
-                has(r#""type":"error""#),
-                has(r#""type":"message""#),
-            ),
-            Protocol::Pusher => {
-                if has("pusher:connection_established") {
-                    self.established = true;
-                    return;
-                }
-                if has("pusher:ping") {
-                    self.queue(frame::OPCODE_TEXT, br#"{"event":"pusher:pong","data":{}}"#);
-                    return;
-                }
-                (
-                    has("pusher_internal:subscription_succeeded"),
-                    has("pusher:error"),
-                    has(&format!(r#""event":"{PUSHER_EVENT}""#)),
-                )
-            }
-        };
-        if confirmed {
-            self.subscribed = true;
-        } else if error {
-            let code = error_code(text);
-            shard.report.borrow_mut().count_error(&format!("subscriber:{code}"));
-            if !self.subscribed {
-                self.setup_error = Some(format!(
-                    "subscription rejected: {}",
-                    String::from_utf8_lossy(text)
-                ));
-            }
-        } else if ours {
-            self.counts.unparsed += 1;
-        }
-    }
-}
-
-/// Reads what the socket holds into `reader`; `None` when nothing was there.
+/// Reads the bytes the socket has received into `reader`, or returns `None`
+/// when there were none.
 ///
 /// A read shorter than the free space means the socket is drained, so the
 /// readiness is cleared at once instead of by a second `read` that would
@@ -546,34 +462,6 @@ fn phase_outcome(phase: Phase) -> Option<Outcome> {
         Phase::Setup | Phase::Running => None,
         Phase::Storm => Some(Outcome::StormNow),
         Phase::Stop => Some(Outcome::Stop),
-    }
-}
-
-fn subscribe_request(protocol: Protocol, spec: &SubSpec) -> String {
-    match protocol {
-        Protocol::Nexus => format!(
-            r#"{{"action":"SUBSCRIBE","topic":"{}","id":{}}}"#,
-            spec.topic_name, spec.index
-        ),
-        Protocol::Pusher => format!(
-            r#"{{"event":"pusher:subscribe","data":{{"channel":"{}"}}}}"#,
-            spec.topic_name
-        ),
-    }
-}
-
-/// Returns the `code` of a NexusNode error or of a Pusher error's data.
-pub fn error_code(text: &[u8]) -> String {
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(text) else {
-        return "invalid_json".to_string();
-    };
-    let code = value
-        .get("code")
-        .or_else(|| value.get("data").and_then(|data| data.get("code")));
-    match code {
-        Some(serde_json::Value::String(code)) => code.clone(),
-        Some(other) => other.to_string(),
-        None => "unknown".to_string(),
     }
 }
 

@@ -7,7 +7,11 @@ use crate::results::{Report, Summary};
 /// Formats the summary of `report` as lines of text.
 pub fn format(report: &Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{} (run {}), window {:.1} s", report.label, report.run_id, report.window_s);
+    let _ = writeln!(
+        out,
+        "{} (run {}), window {:.1} s",
+        report.label, report.run_id, report.window_s
+    );
     match report.scenario.as_str() {
         "connections" => write_connections(&mut out, report),
         "storm" => write_storm(&mut out, report),
@@ -50,6 +54,13 @@ fn write_messages(out: &mut String, report: &Report) {
         );
     }
     write_latency(out, "latency", report.latency_us.as_ref());
+    if report.window_s == 0.0 {
+        let _ = writeln!(
+            out,
+            "  WARNING: publishing ended before the warmup did, so nothing was measured; \
+             lower --warmup or raise --messages"
+        );
+    }
 }
 
 fn write_connections(out: &mut String, report: &Report) {
@@ -66,7 +77,10 @@ fn write_connections(out: &mut String, report: &Report) {
     write_latency(out, "handshake", connections.handshake_us.as_ref());
     write_latency(out, "subscribed", connections.subscribed_us.as_ref());
     if let Some(bytes) = connections.rss_bytes_per_connection {
-        let _ = writeln!(out, "  node memory per connection: {bytes:.0} bytes (VmRSS growth)");
+        let _ = writeln!(
+            out,
+            "  node memory per connection: {bytes:.0} bytes (VmRSS growth)"
+        );
     }
 }
 
@@ -115,9 +129,16 @@ fn write_node(out: &mut String, report: &Report) {
     let Some(cores) = report.node.cores else {
         return;
     };
-    match report.node.deliveries_per_cpu_s.filter(|per_cpu| *per_cpu > 0.0) {
+    match report
+        .node
+        .deliveries_per_cpu_s
+        .filter(|per_cpu| *per_cpu > 0.0)
+    {
         Some(per_cpu) => {
-            let _ = writeln!(out, "  node: {cores:.2} cores, {per_cpu:.0} deliveries per CPU-second");
+            let _ = writeln!(
+                out,
+                "  node: {cores:.2} cores, {per_cpu:.0} deliveries per CPU-second"
+            );
         }
         None => {
             let _ = writeln!(out, "  node: {cores:.2} cores");

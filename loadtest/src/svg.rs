@@ -11,11 +11,13 @@ use std::path::Path;
 use crate::cli::PlotArgs;
 
 const WIDTH: f64 = 960.0;
+/// Height of the chart without the legend, which goes below it.
 const HEIGHT: f64 = 540.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 300.0;
+const RIGHT: f64 = 40.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
+const LEGEND_ROW: f64 = 20.0;
 
 /// Highest percentile on the x axis: 99.999% is 5 on the log scale.
 const MAX_NINES: f64 = 5.0;
@@ -56,9 +58,8 @@ fn read_series(path: &Path) -> Result<Vec<Series>, String> {
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = serde_json::from_str(line).map_err(|error| {
-            format!("{}:{}: invalid JSON: {error}", path.display(), number + 1)
-        })?;
+        let value: serde_json::Value = serde_json::from_str(line)
+            .map_err(|error| format!("{}:{}: invalid JSON: {error}", path.display(), number + 1))?;
         let points: Vec<(f64, f64)> = value["percentiles"]
             .as_array()
             .map(|pairs| {
@@ -71,9 +72,10 @@ fn read_series(path: &Path) -> Result<Vec<Series>, String> {
         if points.is_empty() {
             continue;
         }
-        let label = value["label"]
-            .as_str()
-            .map_or_else(|| format!("{}:{}", path.display(), number + 1), str::to_string);
+        let label = value["label"].as_str().map_or_else(
+            || format!("{}:{}", path.display(), number + 1),
+            str::to_string,
+        );
         series.push(Series { label, points });
     }
     Ok(series)
@@ -96,24 +98,44 @@ struct LatencyAxis {
 
 impl LatencyAxis {
     fn new(series: &[Series], log: bool) -> LatencyAxis {
-        let values = series.iter().flat_map(|s| s.points.iter().map(|point| point.1));
+        let values = series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|point| point.1));
         let max = values.clone().fold(1.0, f64::max);
         if log {
             let min = values.fold(f64::MAX, f64::min).max(1.0);
             let low = min.log10().floor();
             let high = max.log10().ceil().max(low + 1.0);
-            let ticks = (low as i32..=high as i32).map(|exp| 10f64.powi(exp)).collect();
-            return LatencyAxis { log, low, high, ticks };
+            let ticks = (low as i32..=high as i32)
+                .map(|exp| 10f64.powi(exp))
+                .collect();
+            return LatencyAxis {
+                log,
+                low,
+                high,
+                ticks,
+            };
         }
         let step = nice_step(max / 5.0);
         let high = (max / step).ceil() * step;
-        let ticks = (0..=(high / step).round() as u32).map(|i| f64::from(i) * step).collect();
-        LatencyAxis { log, low: 0.0, high, ticks }
+        let ticks = (0..=(high / step).round() as u32)
+            .map(|i| f64::from(i) * step)
+            .collect();
+        LatencyAxis {
+            log,
+            low: 0.0,
+            high,
+            ticks,
+        }
     }
 
     /// Returns the y coordinate of `micros`.
     fn y(&self, micros: f64) -> f64 {
-        let value = if self.log { micros.max(1.0).log10() } else { micros };
+        let value = if self.log {
+            micros.max(1.0).log10()
+        } else {
+            micros
+        };
         let fraction = (value - self.low) / (self.high - self.low);
         HEIGHT - BOTTOM - fraction * (HEIGHT - TOP - BOTTOM)
     }
@@ -139,13 +161,16 @@ pub fn render(series: &[Series], title: &str, log: bool) -> String {
         .fold(2.0, f64::max)
         .ceil()
         .min(MAX_NINES);
-    let x = |percentile: f64| LEFT + nines(percentile).min(max_nines) / max_nines * (WIDTH - LEFT - RIGHT);
+    let x = |percentile: f64| {
+        LEFT + nines(percentile).min(max_nines) / max_nines * (WIDTH - LEFT - RIGHT)
+    };
     let axis = LatencyAxis::new(series, log);
+    let height = HEIGHT + 10.0 + series.len() as f64 * LEGEND_ROW;
 
     let mut svg = String::new();
     let _ = writeln!(
         svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
@@ -157,7 +182,14 @@ pub fn render(series: &[Series], title: &str, log: bool) -> String {
     write_x_axis(&mut svg, max_nines, &x);
     write_y_axis(&mut svg, &axis);
     for (index, line) in series.iter().enumerate() {
-        write_series(&mut svg, line, COLORS[index % COLORS.len()], index, &x, &axis);
+        write_series(
+            &mut svg,
+            line,
+            COLORS[index % COLORS.len()],
+            index,
+            &x,
+            &axis,
+        );
     }
     svg.push_str("</svg>\n");
     svg
@@ -168,7 +200,11 @@ fn write_x_axis(svg: &mut String, max_nines: f64, x: &impl Fn(f64) -> f64) {
     for nine in 0..=max_nines as u32 {
         let percentile = 100.0 * (1.0 - 10f64.powi(-(nine as i32)));
         let at = x(percentile);
-        let label = if nine == 0 { "0%".to_string() } else { format!("{}%", trim(percentile)) };
+        let label = if nine == 0 {
+            "0%".to_string()
+        } else {
+            format!("{}%", trim(percentile))
+        };
         let _ = writeln!(
             svg,
             r##"<line x1="{at:.1}" y1="{TOP}" x2="{at:.1}" y2="{bottom}" stroke="#ddd"/><text x="{at:.1}" y="{}" text-anchor="middle">{label}</text>"##,
@@ -223,8 +259,8 @@ fn write_series(
         r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
         points.join(" ")
     );
-    let legend_x = WIDTH - RIGHT + 20.0;
-    let legend_y = TOP + 10.0 + index as f64 * 20.0;
+    let legend_x = LEFT;
+    let legend_y = HEIGHT + 5.0 + index as f64 * LEGEND_ROW;
     let _ = writeln!(
         svg,
         r#"<line x1="{legend_x}" y1="{legend_y}" x2="{}" y2="{legend_y}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,

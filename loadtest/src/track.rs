@@ -9,7 +9,8 @@ use crate::placement::{Placement, TopicCycle};
 /// How far back a [`SeqTrack`] remembers which messages arrived.
 const SEEN_WINDOW: u64 = 64;
 
-/// How one message arrived, relative to the others from its publisher.
+/// Order of one message's arrival relative to the others from its
+/// publisher.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arrival {
     /// Later than every message seen before from this publisher.
@@ -62,7 +63,7 @@ impl SeqTrack {
 /// In-flight window of one local publisher.
 ///
 /// A message leaves the window when every live subscriber of its topic in
-/// this shard has received it; `counts` holds the receipts of the messages
+/// this shard has received it; `counts` contains the receipts of the messages
 /// still in the window, indexed by `seq % limit`.
 struct Window {
     limit: u64,
@@ -94,7 +95,11 @@ impl InFlight {
     /// limit.
     pub fn new(placement: &Placement, shard: u32, limit: Option<u64>) -> InFlight {
         let per_publisher = limit
-            .map(|total| total.div_ceil(u64::from(placement.publishers.max(1))).max(1))
+            .map(|total| {
+                total
+                    .div_ceil(u64::from(placement.publishers.max(1)))
+                    .max(1)
+            })
             .unwrap_or(0);
         let windows: Vec<Window> = placement
             .local_publishers(shard)

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-use crate::cli::RunConfig;
+use crate::config::RunConfig;
 use crate::procfs::process_self_cpu_ns;
 use crate::report::ShardReport;
 use crate::shard::{self, ShardLink};
@@ -104,7 +104,9 @@ pub fn run_worker(config: Arc<RunConfig>, index: u32) -> i32 {
     let result = (|| {
         let mut shards = LocalShards::start(&config, first..first + threads)?;
         shards.wait_ready()?;
-        writeln!(stdout, "ready").and_then(|()| stdout.flush()).map_err(|e| e.to_string())?;
+        writeln!(stdout, "ready")
+            .and_then(|()| stdout.flush())
+            .map_err(|e| e.to_string())?;
         let go_ns = read_go(&mut std::io::stdin().lock())?;
         shards.go(go_ns);
         shards.join()
@@ -130,7 +132,12 @@ fn read_go(input: &mut impl BufRead) -> Result<i64, String> {
     line.trim()
         .strip_prefix("go ")
         .and_then(|nanos| nanos.parse().ok())
-        .ok_or_else(|| format!("invalid start signal {:?}, expected `go NANOS`", line.trim()))
+        .ok_or_else(|| {
+            format!(
+                "invalid start signal {:?}, expected `go NANOS`",
+                line.trim()
+            )
+        })
 }
 
 #[cfg(test)]

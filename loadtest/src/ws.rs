@@ -20,7 +20,6 @@ const ACCEPT_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// Maximum size of the server's handshake response headers.
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
-
 /// A parsed `ws://host:port/resource` URL with its resolved address.
 #[derive(Clone, Debug)]
 pub struct WsUrl {
@@ -105,7 +104,7 @@ fn split_host_port(authority: &str) -> Option<(String, u16)> {
 #[derive(Debug)]
 pub enum ConnectError {
     Io(io::Error),
-    /// The server answered the upgrade with another status than 101.
+    /// The server responded to the upgrade with a status other than 101.
     Status(u16),
     /// `Sec-WebSocket-Accept` is missing or does not match the key.
     InvalidAccept,

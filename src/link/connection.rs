@@ -15,7 +15,7 @@ use super::topology::Endpoint;
 /// First reconnect delay, before jitter.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 
-/// Longest reconnect delay, before jitter.
+/// Maximum reconnect delay, before jitter.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// The reading side of a connection.
@@ -90,7 +90,7 @@ pub async fn write_all(
         .map_err(|_| timed_out("write"))?
 }
 
-/// An error for a step that did not finish in time.
+/// Builds the error for a step that did not finish in time.
 pub fn timed_out(step: &str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("Redis {step} timed out"))
 }

@@ -30,10 +30,10 @@ use crate::bus::Publication;
 use crate::core::NodeShared;
 use crate::logging::RepeatCounter;
 
-/// Most queued publishes or interest changes handled before the driver lets other tasks run.
+/// Maximum queued publishes or interest changes handled before the driver lets other tasks run.
 const INTAKE_BATCH: usize = 4096;
 
-/// Time between slot table refreshes when nothing asks for one.
+/// Time between slot table refreshes when no task requests one.
 const PERIODIC_REFRESH: Duration = Duration::from_secs(30);
 
 /// Shortest time between two slot table refreshes.
@@ -88,8 +88,8 @@ pub struct Context {
     refresh: Notify,
 }
 
-/// What the link handle and its thread share: fixed at creation, except the status and the
-/// backlog counter.
+/// State shared by the link handle and its thread, fixed at creation except for the status and
+/// the backlog counter.
 pub struct Shared {
     /// Settings.
     pub settings: LinkSettings,
@@ -287,14 +287,16 @@ impl Driver {
         self.tasks.retain(|task| !task.is_finished());
     }
 
-    /// Returns the master that owns `channel`.
-    fn owner(&self, channel: &[u8]) -> Option<Endpoint> {
+    /// Returns the master that owns `channel`, or with `None` the first master, which carries
+    /// the classic subscriptions and the wildcard announcements.
+    fn owner(&self, channel: Option<&[u8]>) -> Option<Endpoint> {
         let topology = self.ctx.topology.borrow();
         let topology = topology.as_ref()?;
-        topology
-            .owner(channel)
-            .and_then(|index| topology.masters.get(index))
-            .cloned()
+        let index = match channel {
+            Some(channel) => topology.owner(channel)?,
+            None => 0,
+        };
+        topology.masters.get(index).cloned()
     }
 
     /// Hands one local publish to the publisher of the master that owns its channel.
@@ -303,9 +305,9 @@ impl Driver {
         let bytes = publication.frame.len();
         let owner = if ctx.is_cluster() {
             let channel = format!("{}{}", ctx.settings.prefix, publication.topic);
-            self.owner(channel.as_bytes())
+            self.owner(Some(channel.as_bytes()))
         } else {
-            self.owner(b"")
+            self.owner(None)
         };
         let Some(handle) = owner.and_then(|endpoint| self.publishers.get(&endpoint)) else {
             ctx.release_backlog(bytes);
@@ -343,8 +345,8 @@ impl Driver {
             );
             let Some(sub) = changed else { continue };
             let owner = match &sub {
-                RedisSub::Sharded(channel) => self.owner(channel.as_bytes()),
-                RedisSub::Channel(_) | RedisSub::Pattern(_) => self.owner(b""),
+                RedisSub::Sharded(channel) => self.owner(Some(channel.as_bytes())),
+                RedisSub::Channel(_) | RedisSub::Pattern(_) => self.owner(None),
             };
             // Without a topology there is no subscriber yet; its first sync covers the change.
             if let Some(handle) = owner.and_then(|endpoint| self.subscribers.get(&endpoint)) {
@@ -385,22 +387,21 @@ impl Driver {
             &mut command,
             &[b"PUBLISH", ctx.announcement_channel.as_bytes(), &message],
         );
-        self.send_command(b"", command);
+        self.send_command(None, command);
     }
 
-    /// Sends a command to the master that owns `key`.
-    fn send_command(&self, key: &[u8], command: Vec<u8>) {
-        let owner = if self.ctx.is_cluster() && !key.is_empty() {
-            self.owner(key)
-        } else {
-            self.owner(b"")
-        };
-        if let Some(handle) = owner.and_then(|endpoint| self.publishers.get(&endpoint)) {
+    /// Sends a command to the master that owns `key`, or with `None` to the first master.
+    fn send_command(&self, key: Option<&[u8]>, command: Vec<u8>) {
+        if let Some(handle) = self
+            .owner(key)
+            .and_then(|endpoint| self.publishers.get(&endpoint))
+        {
             let _ = handle.send(Outgoing::Command(command));
         }
     }
 
-    /// Writes the registry entry, repeats the wildcard announcement and forgets quiet nodes.
+    /// Writes the registry entry, repeats the wildcard announcement and drops state about quiet
+    /// nodes.
     fn tick(&mut self) {
         let ctx = &self.ctx;
         let key = ctx.settings.registry_key();
@@ -408,14 +409,14 @@ impl Driver {
         let value = {
             let router = ctx.router.borrow();
             let patterns = router.interest.patterns();
-            let mut names = patterns.iter().map(|pattern| &**pattern);
+            let names = patterns.iter().map(|pattern| &**pattern);
             let listen = ctx.listen.to_string();
             registry::Entry {
                 node_id: &ctx.settings.node_id,
                 listen: &listen,
                 started_at: ctx.started_at,
                 connections: ctx.node.connections.load(Ordering::Relaxed),
-                patterns: &mut names,
+                patterns: names,
                 pattern_count: patterns.len(),
                 link: if ctx.status.is_up() { "up" } else { "down" },
             }
@@ -427,7 +428,7 @@ impl Driver {
             &mut command,
             &[b"SET", key.as_bytes(), &value, b"PX", expiry_ms.as_bytes()],
         );
-        self.send_command(key.as_bytes(), command);
+        self.send_command(Some(key.as_bytes()), command);
 
         ctx.router.borrow_mut().forget_idle(Instant::now(), expiry);
         let has_wildcards = !ctx.router.borrow().interest.wildcards().is_empty();
@@ -444,10 +445,11 @@ impl Driver {
         if let Some(task) = &self.refresh_task {
             task.abort();
         }
+
         let key = ctx.settings.registry_key();
         let mut command = Vec::new();
         resp::push_command(&mut command, &[b"DEL", key.as_bytes()]);
-        self.send_command(key.as_bytes(), command);
+        self.send_command(Some(key.as_bytes()), command);
         if ctx.is_cluster() {
             // An empty list withdraws this node's wildcards at once instead of at expiry.
             let mut command = Vec::new();
@@ -456,14 +458,16 @@ impl Driver {
                 &mut command,
                 &[b"PUBLISH", ctx.announcement_channel.as_bytes(), &message],
             );
-            self.send_command(b"", command);
+            self.send_command(None, command);
         }
+
         for handle in self.subscribers.values() {
             handle.stop();
         }
         for handle in self.publishers.values() {
             handle.stop();
         }
+
         let deadline = ctx.settings.timeout + Duration::from_secs(1);
         let all_done = async {
             for task in self.tasks {
@@ -478,7 +482,7 @@ impl Driver {
     }
 }
 
-/// Keeps the Redis Cluster slot table fresh: at start, when a task asks (MOVED, lost
+/// Keeps the Redis Cluster slot table fresh: at start, when a task requests it (MOVED, lost
 /// connection, dropped shard channel) and every 30 s.
 async fn refresh_loop(ctx: Rc<Context>, changed: Rc<Notify>) {
     let mut backoff = Backoff::default();
@@ -510,7 +514,7 @@ async fn refresh_loop(ctx: Rc<Context>, changed: Rc<Notify>) {
     }
 }
 
-/// Asks the known masters, then the seed nodes, for `CLUSTER SLOTS` until one answers.
+/// Sends `CLUSTER SLOTS` to the known masters, then to the seed nodes, until one replies.
 async fn fetch_topology(ctx: &Context) -> Result<Topology, String> {
     let mut candidates: Vec<Endpoint> = match ctx.topology.borrow().as_ref() {
         Some(topology) => topology.masters.clone(),

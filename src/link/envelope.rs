@@ -43,7 +43,7 @@ pub struct Envelope<'a> {
     pub frame: &'a [u8],
 }
 
-/// Why a payload from Redis was dropped. Anything can PUBLISH to the link's channels, so a
+/// Reason a payload from Redis was dropped. Anything can PUBLISH to the link's channels, so a
 /// payload is checked before its frame reaches a client.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EnvelopeError {
@@ -139,8 +139,8 @@ impl Window {
         }
         if self.top - seq >= WINDOW {
             // NOTE: older than the window, so whether it was seen is unknown. Delivering risks a
-            // duplicate, dropping risks a loss; this only happens in Redis Cluster mode when one
-            // shard connection lags more than WINDOW messages of this origin behind another.
+            // duplicate and dropping risks a loss. This only happens in Redis Cluster mode, when
+            // one shard connection lags more than WINDOW messages of this origin behind another.
             return true;
         }
         let (word, mask) = Self::bit(seq);

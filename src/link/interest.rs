@@ -7,9 +7,9 @@
 //! patterns can need one Redis glob (`orders.*` and `orders.>` both need `nexus:orders.*`).
 //!
 //! [`Projection`] is the state one connection will be in once Redis has run every command sent on
-//! it. Redis runs a connection's commands in order, so comparing the wanted state with the
-//! projection, never with confirmations still in flight, cannot let an old UNSUBSCRIBE undo a
-//! newer SUBSCRIBE, and a subscribe/unsubscribe storm between two syncs sends nothing at all.
+//! it. Redis runs a connection's commands in order. So the link compares the desired state with
+//! the projection, never with confirmations still in flight, and an old UNSUBSCRIBE cannot undo a
+//! newer SUBSCRIBE. A subscribe/unsubscribe storm between two syncs sends nothing at all.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -17,7 +17,7 @@ use super::resp;
 use super::topology::key_slot;
 use crate::topic::{redis_glob, Insertion, Removal, SubscriptionIndex};
 
-/// Most channels named in one SUBSCRIBE-family command, to keep each command small.
+/// Maximum channels named in one SUBSCRIBE-family command, to keep each command small.
 const MAX_CHANNELS_PER_COMMAND: usize = 1000;
 
 /// One Redis subscription, by its full channel name or glob (prefix included).
@@ -47,12 +47,12 @@ pub fn is_wildcard(pattern: &str) -> bool {
         .any(|segment| segment == "*" || segment == ">")
 }
 
-/// What the worker cores of this node subscribe to.
+/// Subscriptions of the worker cores of this node.
 pub struct Interest {
     prefix: String,
     sharded: bool,
     cores: SubscriptionIndex<usize>,
-    wanted: HashMap<RedisSub, usize>,
+    desired: HashMap<RedisSub, usize>,
     patterns: BTreeSet<Box<str>>,
     wildcards_changed: bool,
 }
@@ -64,7 +64,7 @@ impl Interest {
             prefix: prefix.to_owned(),
             sharded,
             cores: SubscriptionIndex::new(),
-            wanted: HashMap::new(),
+            desired: HashMap::new(),
             patterns: BTreeSet::new(),
             wildcards_changed: false,
         }
@@ -86,11 +86,11 @@ impl Interest {
 
     /// Adds a subscription the link needs whatever the cores want, such as a control channel.
     pub fn pin(&mut self, sub: RedisSub) {
-        *self.wanted.entry(sub).or_default() += 1;
+        *self.desired.entry(sub).or_default() += 1;
     }
 
     /// Records that `core` gained (`added`) or lost its last subscriber of `pattern`. Returns the
-    /// Redis subscription that became wanted or unwanted because of it, if any.
+    /// Redis subscription that became desired or no longer desired because of it, if any.
     pub fn apply(&mut self, core: usize, pattern: &str, added: bool) -> Option<RedisSub> {
         let sub = self.redis_sub(pattern);
         if added {
@@ -99,7 +99,7 @@ impl Interest {
             }
             self.patterns.insert(pattern.into());
             self.wildcards_changed |= is_wildcard(pattern);
-            let count = self.wanted.entry(sub.clone()).or_default();
+            let count = self.desired.entry(sub.clone()).or_default();
             *count += 1;
             (*count == 1).then_some(sub)
         } else {
@@ -108,24 +108,24 @@ impl Interest {
             }
             self.patterns.remove(pattern);
             self.wildcards_changed |= is_wildcard(pattern);
-            let count = self.wanted.get_mut(&sub)?;
+            let count = self.desired.get_mut(&sub)?;
             *count -= 1;
             if *count > 0 {
                 return None;
             }
-            self.wanted.remove(&sub);
+            self.desired.remove(&sub);
             Some(sub)
         }
     }
 
     /// Returns whether Redis should deliver `sub` to this node.
-    pub fn is_wanted(&self, sub: &RedisSub) -> bool {
-        self.wanted.contains_key(sub)
+    pub fn is_desired(&self, sub: &RedisSub) -> bool {
+        self.desired.contains_key(sub)
     }
 
-    /// Returns every wanted Redis subscription.
-    pub fn wanted(&self) -> impl Iterator<Item = &RedisSub> {
-        self.wanted.keys()
+    /// Returns every desired Redis subscription.
+    pub fn desired(&self) -> impl Iterator<Item = &RedisSub> {
+        self.desired.keys()
     }
 
     /// Marks each core whose patterns match `topic`; `marks` has one entry per core.
@@ -300,9 +300,9 @@ mod tests {
         assert_eq!(interest.apply(0, "a.b", true), Some(sub.clone()));
         assert_eq!(interest.apply(1, "a.b", true), None);
         assert_eq!(interest.apply(0, "a.b", false), None);
-        assert!(interest.is_wanted(&sub));
+        assert!(interest.is_desired(&sub));
         assert_eq!(interest.apply(1, "a.b", false), Some(sub.clone()));
-        assert!(!interest.is_wanted(&sub));
+        assert!(!interest.is_desired(&sub));
     }
 
     #[test]
@@ -364,7 +364,7 @@ mod tests {
             dirty.extend(interest.apply(0, "t", true));
             dirty.extend(interest.apply(0, "t", false));
         }
-        let changes = projection.sync(&dirty, |sub| interest.is_wanted(sub));
+        let changes = projection.sync(&dirty, |sub| interest.is_desired(sub));
         assert!(changes.is_empty());
     }
 
@@ -375,12 +375,12 @@ mod tests {
         let mut interest = Interest::new("p:", false);
         let mut projection = Projection::default();
         let sub = interest.apply(0, "t", true).unwrap();
-        let _ = projection.sync([&sub], |s| interest.is_wanted(s));
+        let _ = projection.sync([&sub], |s| interest.is_desired(s));
         let _ = interest.apply(0, "t", false);
-        let gone = projection.sync([&sub], |s| interest.is_wanted(s));
+        let gone = projection.sync([&sub], |s| interest.is_desired(s));
         assert_eq!(encoded(&gone), "*2 $11 UNSUBSCRIBE $3 p:t ");
         let _ = interest.apply(0, "t", true);
-        let back = projection.sync([&sub], |s| interest.is_wanted(s));
+        let back = projection.sync([&sub], |s| interest.is_desired(s));
         assert_eq!(encoded(&back), "*2 $9 SUBSCRIBE $3 p:t ");
     }
 

@@ -25,7 +25,7 @@ use super::topology::Endpoint;
 use crate::bus::Publication;
 use crate::logging::RepeatCounter;
 
-/// Most commands written in one system call.
+/// Maximum commands written in one system call.
 const MAX_BATCH_COMMANDS: usize = 1024;
 
 /// Bytes after which a batch is written even if more publishes are queued.
@@ -140,7 +140,7 @@ pub async fn run(
 }
 
 /// Drops what arrives while the connection is down, until `deadline` or a stop. The cores stop
-/// handing over publishes once the status says down; these were accepted just before.
+/// handing over publishes once the status is down, so these were accepted just before.
 async fn discard_until(
     ctx: &Context,
     handle: &PublisherHandle,

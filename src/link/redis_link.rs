@@ -1,7 +1,8 @@
 //! [`RedisLink`]: the cluster link through Redis pub/sub, and the thread it runs on.
 //!
-//! The worker cores call the [`ClusterLink`] methods on their own threads. Each call only checks
-//! an atomic flag or pushes onto an unbounded lock-free queue, so a core never waits for Redis.
+//! The worker cores call the [`ClusterLink`] methods on their own threads. Each call reads atomic
+//! flags and pushes onto an unbounded lock-free queue, so a core never waits for Redis I/O. While
+//! the link is down, a call also copies the reason text from behind a briefly held mutex.
 //! The link thread is pinned to the CPU after the worker cores and runs a tokio current-thread
 //! runtime with the tasks of `driver`, `publisher` and `subscriber`.
 
@@ -17,14 +18,14 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 
 use super::driver::{self, Context, Inputs, InterestChange, Shared};
-use super::settings::{redact, LinkSettings, Mode};
+use super::settings::{LinkSettings, Mode};
 use super::status::LinkStatus;
 use super::{ClusterLink, LinkDown, LinkHealth};
 use crate::bus::Publication;
 use crate::core::NodeShared;
 
-/// Bytes of publishes the link holds before PUBLISH fails with `cluster_unavailable`: the
-/// bound on memory while Redis is slower than the clients.
+/// Bytes of accepted publishes not yet written to Redis, past which PUBLISH fails with
+/// `cluster_unavailable`. It bounds memory while Redis is slower than the clients.
 const MAX_BACKLOG: usize = 64 << 20;
 
 /// The cluster link through Redis.
@@ -76,6 +77,19 @@ impl RedisLink {
             running: Mutex::new(None),
             log: log.new(slog::o!("component" => "link")),
         }
+    }
+
+    fn log_start(&self, cpu: Option<usize>) {
+        let settings = &self.shared.settings;
+        let (servers, cluster) = match &settings.mode {
+            Mode::Single(endpoint) => (endpoint.to_string(), false),
+            Mode::Cluster(seeds) => {
+                let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+                (seeds.join(","), true)
+            }
+        };
+        info!(self.log, "cluster link starting"; "redis" => servers, "cluster" => cluster,
+            "prefix" => &settings.prefix, "cpu" => ?cpu);
     }
 
     fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
@@ -139,27 +153,14 @@ impl ClusterLink for RedisLink {
         let Some(waiting) = Self::take(&self.waiting) else {
             return Ok(());
         };
-        let cpus: Vec<usize> = core_affinity::get_core_ids()
-            .map(|ids| ids.into_iter().map(|id| id.id).collect())
-            .unwrap_or_default();
-        // The CPU after the worker cores, wrapping around when every CPU runs a core.
-        let cpu = (!cpus.is_empty()).then(|| cpus[node.cores.len() % cpus.len()]);
+        let cpu = link_cpu(node.cores.len());
+        self.log_start(cpu);
+
         let (shutdown, shutdown_signal) = oneshot::channel();
         let (done_sender, done) = mpsc::channel();
         let shared = Arc::clone(&self.shared);
         let node = Arc::clone(node);
         let log = self.log.clone();
-        let servers = match &shared.settings.mode {
-            Mode::Single(endpoint) => endpoint.to_string(),
-            Mode::Cluster(seeds) => seeds
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(","),
-        };
-        info!(log, "cluster link starting"; "redis" => redact(&servers),
-            "cluster" => matches!(shared.settings.mode, Mode::Cluster(_)),
-            "prefix" => &shared.settings.prefix, "cpu" => ?cpu);
         let thread = std::thread::Builder::new()
             .name("nexus-link".into())
             .spawn(move || {
@@ -174,14 +175,16 @@ impl ClusterLink for RedisLink {
                 run_thread(&shared, node, listen, inputs, &log);
                 let _ = done_sender.send(());
             })?;
-        *self
-            .running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Running {
+
+        let running = Running {
             shutdown,
             done,
             thread,
-        });
+        };
+        *self
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(running);
         Ok(())
     }
 
@@ -204,6 +207,15 @@ impl ClusterLink for RedisLink {
     }
 }
 
+/// Returns the CPU for the link thread: the one after the worker cores, wrapping around when
+/// every CPU runs a core.
+fn link_cpu(cores: usize) -> Option<usize> {
+    let cpus: Vec<usize> = core_affinity::get_core_ids()
+        .map(|ids| ids.into_iter().map(|id| id.id).collect())
+        .unwrap_or_default();
+    (!cpus.is_empty()).then(|| cpus[cores % cpus.len()])
+}
+
 /// Body of the link thread: a current-thread runtime running the driver to its end.
 fn run_thread(
     shared: &Shared,
@@ -218,7 +230,7 @@ fn run_thread(
     {
         Ok(runtime) => runtime,
         Err(cause) => {
-            error!(log, "cannot start the cluster link runtime"; "error" => %cause);
+            error!(log, "cluster link runtime failed to start"; "error" => %cause);
             return;
         }
     };

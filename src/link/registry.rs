@@ -6,8 +6,8 @@ use crate::protocol::push_json_string;
 /// Most patterns listed in one entry; `pattern_count` always has the full number.
 pub const MAX_LISTED_PATTERNS: usize = 1000;
 
-/// What one registry entry says about a node.
-pub struct Entry<'a> {
+/// Fields of one registry entry.
+pub struct Entry<'a, I> {
     /// The node's id.
     pub node_id: &'a str,
     /// The address clients connect to.
@@ -17,14 +17,14 @@ pub struct Entry<'a> {
     /// Open WebSocket connections.
     pub connections: usize,
     /// Patterns with at least one local subscriber, sorted.
-    pub patterns: &'a mut dyn Iterator<Item = &'a str>,
+    pub patterns: I,
     /// Number of such patterns.
     pub pattern_count: usize,
     /// `up` or `down`.
     pub link: &'a str,
 }
 
-impl Entry<'_> {
+impl<'a, I: Iterator<Item = &'a str>> Entry<'a, I> {
     /// Encodes the entry as a JSON object.
     pub fn encode(self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
@@ -58,13 +58,12 @@ mod tests {
 
     #[test]
     fn entry_is_json_with_every_field() {
-        let mut patterns = ["a", "b.*"].into_iter();
         let entry = Entry {
             node_id: "n1",
             listen: "127.0.0.1:3001",
             started_at: 1_700_000_000,
             connections: 3,
-            patterns: &mut patterns,
+            patterns: ["a", "b.*"].into_iter(),
             pattern_count: 2,
             link: "up",
         };

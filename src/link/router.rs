@@ -19,7 +19,7 @@ const ORIGIN_IDLE: Duration = Duration::from_secs(300);
 
 /// Routing state of the link: local interest, the repeat filter and the other nodes' wildcards.
 pub struct Router {
-    /// What the local cores subscribe to.
+    /// Subscriptions of the local cores.
     pub interest: Interest,
     /// Wildcard patterns other nodes announced (Redis Cluster mode).
     pub remote_wildcards: RemoteWildcards,
@@ -30,7 +30,7 @@ pub struct Router {
     invalid: RepeatCounter,
 }
 
-/// What [`Router::route`] did with one message, for tests and counters.
+/// Outcome of [`Router::route`] for one message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Routed {
     /// Sent to this many cores.
@@ -125,19 +125,24 @@ impl Router {
         self.remote_wildcards.expire(now, announcement_max_age);
     }
 
-    /// Applies a wildcard announcement published by another node; returns false when the
-    /// message is not one.
-    pub fn apply_announcement(&mut self, payload: &[u8], now: Instant) -> bool {
+    /// Applies a wildcard announcement published by another node. Returns `Err` when the
+    /// payload is not an announcement, and the announcing node's id with its new number of
+    /// patterns when its set changed.
+    pub fn apply_announcement(
+        &mut self,
+        payload: &[u8],
+        now: Instant,
+    ) -> Result<Option<(String, usize)>, simd_json::Error> {
         let mut bytes = payload.to_vec();
-        let Ok(announcement) = simd_json::serde::from_slice::<Announcement>(&mut bytes) else {
-            return false;
-        };
-        if announcement.instance != self.instance {
-            let patterns = announcement.patterns.into_iter().map(Box::from).collect();
-            self.remote_wildcards
-                .update(announcement.instance, patterns, now);
+        let announcement = simd_json::serde::from_slice::<Announcement>(&mut bytes)?;
+        if announcement.instance == self.instance {
+            return Ok(None);
         }
-        true
+        let patterns = announcement.patterns.into_iter().map(Box::from).collect();
+        let count = self
+            .remote_wildcards
+            .update(announcement.instance, patterns, now);
+        Ok(count.map(|count| (announcement.node_id, count)))
     }
 }
 
@@ -163,6 +168,7 @@ pub fn encode_announcement(instance: u64, node_id: &str, patterns: &[&str]) -> V
 #[derive(Deserialize)]
 struct Announcement {
     instance: u64,
+    node_id: String,
     patterns: Vec<String>,
 }
 
@@ -179,20 +185,38 @@ impl RemoteWildcards {
         self.index.has_match(topic)
     }
 
-    /// Replaces the patterns of `instance`. Invalid and exact patterns are ignored, since
-    /// anything can publish on the announcement channel.
-    pub fn update(&mut self, instance: u64, patterns: Vec<Box<str>>, now: Instant) {
-        let valid: Vec<Box<str>> = patterns
+    /// Replaces the patterns of `instance`, and returns their new number when they changed.
+    /// Invalid and exact patterns are ignored, since anything can publish on the announcement
+    /// channel.
+    pub fn update(
+        &mut self,
+        instance: u64,
+        patterns: Vec<Box<str>>,
+        now: Instant,
+    ) -> Option<usize> {
+        let mut valid: Vec<Box<str>> = patterns
             .into_iter()
             .filter(|p| validate_pattern(p, TOPIC_LENGTH_CEILING).is_ok() && is_wildcard(p))
             .collect();
+        valid.sort();
+        valid.dedup();
+        if let Some((current, seen)) = self.by_instance.get_mut(&instance) {
+            if *current == valid {
+                *seen = now;
+                return None;
+            }
+        } else if valid.is_empty() {
+            return None;
+        }
         self.remove(instance);
         for pattern in &valid {
             let _ = self.index.insert(pattern, instance);
         }
+        let count = valid.len();
         if !valid.is_empty() {
             self.by_instance.insert(instance, (valid, now));
         }
+        Some(count)
     }
 
     /// Drops the patterns of nodes whose last announcement is older than `max_age`.
@@ -242,7 +266,7 @@ mod tests {
     }
 
     #[test]
-    fn message_and_pmessage_of_one_publish_reach_each_core_once() {
+    fn pmessage_copy_is_a_repeat() {
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..2).map(|_| inbox()).unzip();
         let mut router = router();
         let bytes = payload(7, 1, "a.b");
@@ -290,23 +314,35 @@ mod tests {
         let start = Instant::now();
         let mut router = router();
         let message = encode_announcement(5, "node-b", &["x.*", "not..valid", "exact"]);
-        assert!(router.apply_announcement(&message, start));
+        let applied = router.apply_announcement(&message, start).unwrap();
+        assert_eq!(applied, Some(("node-b".to_owned(), 1)));
+        assert_eq!(
+            router.apply_announcement(&message, start).unwrap(),
+            None,
+            "no change"
+        );
         assert!(router.remote_wildcards.wants("x.y"));
         assert!(!router.remote_wildcards.wants("exact"));
         let message = encode_announcement(5, "node-b", &["z.>"]);
-        assert!(router.apply_announcement(&message, start));
+        assert!(router
+            .apply_announcement(&message, start)
+            .unwrap()
+            .is_some());
         assert!(!router.remote_wildcards.wants("x.y"));
         assert!(router.remote_wildcards.wants("z.y.w"));
         router.forget_idle(start + Duration::from_secs(10), Duration::from_secs(6));
         assert!(!router.remote_wildcards.wants("z.y.w"));
-        assert!(!router.apply_announcement(b"{}", start));
+        assert!(router.apply_announcement(b"{}", start).is_err());
     }
 
     #[test]
     fn own_announcement_is_ignored() {
         let mut router = router();
         let message = encode_announcement(99, "me", &["x.*"]);
-        assert!(router.apply_announcement(&message, Instant::now()));
+        assert_eq!(
+            router.apply_announcement(&message, Instant::now()).unwrap(),
+            None
+        );
         assert!(!router.remote_wildcards.wants("x.y"));
     }
 }

@@ -10,7 +10,7 @@ use crate::config::Config;
 /// URL scheme that names the seed nodes of a Redis Cluster.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
 
-/// How the node reaches Redis.
+/// Redis deployment the node connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     /// One Redis server: classic pub/sub.
@@ -43,7 +43,7 @@ pub struct LinkSettings {
     pub node_id: String,
     /// Time between PINGs on each pub/sub connection.
     pub ping_interval: Duration,
-    /// Time allowed to connect, and for Redis to answer a command, before the connection counts
+    /// Time allowed to connect, and for Redis to reply to a command, before the connection counts
     /// as dead.
     pub timeout: Duration,
     /// Time between registry writes; the key expires after three of them.

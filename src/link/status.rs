@@ -13,7 +13,8 @@ use super::topology::Endpoint;
 /// One of the link's Redis connections, or its view of the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Component {
-    /// The cluster's slot table (Redis Cluster mode only).
+    /// The list of Redis servers: known at once for one server, read with `CLUSTER SLOTS` for a
+    /// Redis Cluster.
     Topology,
     /// The connection that publishes to this server.
     Publisher(Endpoint),
@@ -24,7 +25,7 @@ pub enum Component {
 impl Component {
     fn describe(&self) -> String {
         match self {
-            Component::Topology => "Redis Cluster slot table".to_owned(),
+            Component::Topology => "Redis topology".to_owned(),
             Component::Publisher(endpoint) => format!("publishing connection to {endpoint}"),
             Component::Subscriber(endpoint) => format!("pub/sub connection to {endpoint}"),
         }

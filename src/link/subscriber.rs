@@ -2,7 +2,7 @@
 //! wants, routes incoming messages to the cores, and PINGs to notice a dead connection.
 //!
 //! After every (re)connect the connection starts from nothing and subscribes again to every
-//! channel and glob the node needs, then PINGs. Redis answers in order, so the PONG arrives after
+//! channel and glob the node needs, then PINGs. Redis replies in order, so the PONG arrives after
 //! every subscription is in place, and only then does the connection count as up.
 
 use std::cell::{Cell, RefCell};
@@ -16,10 +16,14 @@ use tokio::time::MissedTickBehavior;
 use super::connection::{self, Backoff, Connection};
 use super::driver::Context;
 use super::interest::{Changes, Projection, RedisSub};
+use super::limits;
 use super::resp::{self, Reply};
 use super::status::Component;
 use super::topology::{Endpoint, Topology};
 use crate::logging::RepeatCounter;
+
+/// Changes queued for one connection before they are replaced by a full comparison.
+const MAX_DIRTY: usize = 100_000;
 
 /// Shared between the driver and one subscriber task.
 pub struct SubscriberHandle {
@@ -43,9 +47,17 @@ impl SubscriberHandle {
         })
     }
 
-    /// Queues a subscription whose wanted state changed; the task syncs it on its next wake-up.
+    /// Queues a subscription whose desired state changed; the task syncs it on its next wake-up.
     pub fn mark_dirty(&self, sub: RedisSub) {
-        self.dirty.borrow_mut().push(sub);
+        let mut dirty = self.dirty.borrow_mut();
+        // While the connection is down nothing drains the list; past this size one full
+        // comparison at reconnect is cheaper than keeping every change.
+        if dirty.len() >= MAX_DIRTY {
+            dirty.clear();
+            self.full_sync.set(true);
+        } else if !self.full_sync.get() {
+            dirty.push(sub);
+        }
     }
 
     /// Makes the task compare every subscription, as after a topology change.
@@ -84,6 +96,7 @@ pub async fn run(ctx: Rc<Context>, handle: Rc<SubscriberHandle>) {
         .new(slog::o!("redis" => handle.endpoint.to_string(), "role" => "pubsub"));
     let mut backoff = Backoff::default();
     let mut failures = RepeatCounter::default();
+    let mut limits_checked = false;
     while !handle.stop.get() {
         let opened = connection::open(
             &handle.endpoint,
@@ -93,11 +106,20 @@ pub async fn run(ctx: Rc<Context>, handle: Rc<SubscriberHandle>) {
         )
         .await;
         let error = match opened {
-            Ok(connection) => {
+            Ok(mut connection) => {
                 debug!(log, "redis connection opened");
-                match serve(&ctx, &handle, connection, &mut backoff).await {
-                    Ok(()) => break,
-                    Err(error) => error,
+                let checked = if limits_checked {
+                    Ok(())
+                } else {
+                    limits::check_pubsub_limits(&ctx, &mut connection, &log).await
+                };
+                limits_checked |= checked.is_ok();
+                match checked {
+                    Ok(()) => match serve(&ctx, &handle, connection, &mut backoff).await {
+                        Ok(()) => break,
+                        Err(error) => error,
+                    },
+                    Err(error) => format!("connection setup failed: {error}"),
                 }
             }
             Err(error) => format!("connect failed: {error}"),
@@ -111,9 +133,14 @@ pub async fn run(ctx: Rc<Context>, handle: Rc<SubscriberHandle>) {
             warn!(log, "redis connection lost"; "error" => %error,
                 "retry_ms" => delay.as_millis() as u64, "suppressed" => suppressed);
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = handle.wake.notified() => {}
+        // Interest changes also wake the task; only a stop cuts the delay short.
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        while !handle.stop.get() {
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = handle.wake.notified() => {}
+            }
         }
     }
     ctx.remove_status(&component);
@@ -197,12 +224,12 @@ async fn serve(
     }
 }
 
-/// Computes the commands that bring the connection to the wanted state.
+/// Computes the commands that bring the connection to the desired state.
 fn sync(ctx: &Context, handle: &SubscriberHandle, projection: &mut Projection) -> Changes {
     let router = ctx.router.borrow();
     let topology = ctx.topology.borrow();
     let carry = |sub: &RedisSub| {
-        router.interest.is_wanted(sub)
+        router.interest.is_desired(sub)
             && topology
                 .as_ref()
                 .is_some_and(|t| carries(t, &handle.endpoint, sub))
@@ -211,7 +238,7 @@ fn sync(ctx: &Context, handle: &SubscriberHandle, projection: &mut Projection) -
         handle.dirty.borrow_mut().clear();
         let candidates: Vec<RedisSub> = router
             .interest
-            .wanted()
+            .desired()
             .chain(projection.iter())
             .cloned()
             .collect();
@@ -249,10 +276,16 @@ fn handle_reply(
     };
     match field(0) {
         b"message" if field(1) == ctx.announcement_channel.as_bytes() => {
-            let _ = ctx
+            let applied = ctx
                 .router
                 .borrow_mut()
                 .apply_announcement(field(2), Instant::now());
+            match applied {
+                Ok(Some((node_id, patterns))) => debug!(ctx.log, "wildcard announcement applied";
+                    "origin_node" => node_id, "patterns" => patterns),
+                Ok(None) => {}
+                Err(error) => warn!(ctx.log, "invalid wildcard announcement"; "error" => %error),
+            }
         }
         b"message" | b"smessage" => ctx.route(field(1), field(2)),
         b"pmessage" if field(2) != ctx.announcement_channel.as_bytes() => {

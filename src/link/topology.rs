@@ -1,5 +1,5 @@
-//! Where each channel lives: one Redis server, or the master that owns the channel's hash slot
-//! in a Redis Cluster.
+//! Channel placement: every channel on one Redis server, or on the master that owns the
+//! channel's hash slot in a Redis Cluster.
 
 use std::fmt;
 
@@ -68,7 +68,7 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// A single Redis server.
+    /// Creates the topology of a single Redis server.
     pub fn single(endpoint: Endpoint) -> Topology {
         Topology {
             masters: vec![endpoint],
@@ -96,7 +96,7 @@ impl Topology {
     }
 
     /// Builds the topology from a `CLUSTER SLOTS` reply. A master listed with an empty host is
-    /// the node that answered, `queried`.
+    /// the node that replied, `queried`.
     pub fn from_cluster_slots(reply: &Reply, queried: &Endpoint) -> Result<Topology, String> {
         let ranges = reply
             .as_array()
@@ -187,8 +187,8 @@ mod tests {
             port: 7000,
         };
         let reply = Reply::Array(Some(vec![
-            range(0, 5460, node("127.0.0.1", 7001)),
-            range(5461, 10922, node("", 7000)),
+            range(0, 5460, node("", 7000)),
+            range(5461, 10922, node("127.0.0.1", 7001)),
             range(10923, 16382, node("127.0.0.1", 7002)),
         ]));
         let topology = Topology::from_cluster_slots(&reply, &queried).unwrap();

@@ -6,10 +6,10 @@
 //! WebSocket pub/sub server on this machine can go.
 //!
 //! It is one thread on raw Linux epoll with nonblocking sockets. Each loop
-//! iteration waits for events, reads once from every readable socket (the
-//! epoll registration is level-triggered, so unread bytes come back next
-//! iteration), handles every complete frame, and only then writes: every
-//! socket with pending output gets exactly one `send()` per iteration.
+//! iteration waits for events, reads once from every readable socket and
+//! handles every complete frame. Reads are level-triggered, so bytes left
+//! unread come back in the next iteration. Only after all reads does it
+//! write, and every socket with pending output gets exactly one `send()`.
 //! A PUBLISH builds its delivery frame (WebSocket header plus
 //! `{"type":"message","topic":T,"data":D}`) once and appends those bytes to
 //! each subscriber's output buffer. Requests are not parsed as JSON: the
@@ -406,7 +406,8 @@ impl Server {
         consumed
     }
 
-    /// Answers the HTTP upgrade request, returning how many input bytes it used.
+    /// Replies to the HTTP upgrade request with 101, or with 400 when it has no
+    /// Sec-WebSocket-Key, and returns how many input bytes the request used.
     fn upgrade(&mut self, fd: RawFd, input: &[u8]) -> usize {
         let Some(end) = memmem::find(input, b"\r\n\r\n") else {
             if input.len() > MAX_HANDSHAKE {
@@ -472,7 +473,7 @@ impl Server {
                     self.connections.queue(fd, &self.frame);
                 }
                 OPCODE_CLOSE => {
-                    // Echo the status code, as RFC 6455 section 5.5.1 asks, then stop reading.
+                    // Echo the status code, as RFC 6455 section 5.5.1 requires, then stop reading.
                     let code = &payload[..payload.len().min(2)];
                     build_frame(&mut self.frame, OPCODE_CLOSE, &[code]);
                     self.connections.queue(fd, &self.frame);
@@ -504,7 +505,7 @@ impl Server {
                     self.reply_error(
                         fd,
                         b"not_subscribed",
-                        b"this connection holds no such subscription",
+                        b"this connection has no such subscription",
                     );
                 }
             }
@@ -714,6 +715,7 @@ fn parse_frame_header(input: &[u8]) -> FrameParse {
     if !masked {
         return FrameParse::Invalid;
     }
+
     let (length, mut offset) = match input[1] & 0x7F {
         126 if input.len() >= 4 => (u16::from_be_bytes([input[2], input[3]]) as u64, 4),
         127 if input.len() >= 10 => {
@@ -727,6 +729,7 @@ fn parse_frame_header(input: &[u8]) -> FrameParse {
     if length > MAX_PAYLOAD {
         return FrameParse::Invalid;
     }
+
     if input.len() < offset + 4 {
         return FrameParse::Incomplete;
     }
