@@ -31,6 +31,8 @@ install_system_packages() {
     local missing=()
     # The cluster tests start their own redis-server.
     command -v redis-server >/dev/null || missing+=(redis-server)
+    # The compose test validates docker-compose.yml with `docker-compose config` (no engine needed).
+    command -v docker-compose >/dev/null || missing+=(docker-compose)
     command -v node >/dev/null || missing+=(nodejs)
     command -v npm >/dev/null || missing+=(npm)
     command -v python3 >/dev/null || missing+=(python3)

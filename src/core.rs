@@ -387,11 +387,20 @@ impl Core {
                 }
             })
             .await;
-            std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
+            self.take_dirty(&mut batch);
             for conn in batch.drain(..) {
-                conn.dirty.set(false);
                 self.flush(&conn);
             }
+        }
+    }
+
+    /// Moves the connections that have frames queued since the last call to the end of
+    /// `batch` and clears their marks, so that the next queued frame marks them again.
+    pub fn take_dirty(&self, batch: &mut Vec<Rc<Conn>>) {
+        let start = batch.len();
+        batch.append(&mut self.dirty.borrow_mut());
+        for conn in &batch[start..] {
+            conn.dirty.set(false);
         }
     }
 

@@ -62,12 +62,13 @@ pub fn parse(buf: &[u8]) -> Request {
         })
     };
 
+    let path = request.path.unwrap_or("/");
+    let path = path.split('?').next().unwrap_or(path);
+    // /health is plain HTTP for load balancers, even when a client asks to upgrade it.
+    if path == "/health" {
+        return Request::Health;
+    }
     if !has_token("upgrade", "websocket") {
-        let path = request.path.unwrap_or("/");
-        let path = path.split('?').next().unwrap_or(path);
-        if path == "/health" {
-            return Request::Health;
-        }
         return reject(
             404,
             "not found; connect with a WebSocket upgrade or GET /health",
