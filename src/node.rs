@@ -26,21 +26,39 @@ const IO_MEMORY: usize = 256 * 1024;
 /// cancellations cheap with tens of thousands of connections per core.
 const RING_DEPTH: usize = 4096;
 
+/// The fix for a runtime that failed because of the locked-memory limit.
+const MEMLOCK_FIX: &str = "Each core locks about 512 KiB for its io_uring buffers: raise the \
+    locked-memory limit (`ulimit -l 8192`, LimitMEMLOCK= in systemd, or `ulimits: memlock` in \
+    docker-compose.yml)";
+
+/// The fix for a runtime that failed for any other reason, usually io_uring itself.
+const IO_URING_FIX: &str = "NexusNode needs io_uring: Linux 5.8 or later, with io_uring not \
+    disabled (sysctl kernel.io_uring_disabled=0) and not blocked by seccomp. Docker 25 and later \
+    block it by default, so run the container with deploy/seccomp-io-uring.json as its seccomp \
+    profile";
+
+/// Returns a runtime start error with the fix that matches its cause.
+fn runtime_error(core: usize, cause: String) -> NodeError {
+    let fix = if cause.contains("MemLock") {
+        MEMLOCK_FIX
+    } else {
+        IO_URING_FIX
+    };
+    NodeError::Runtime { core, cause, fix }
+}
+
 /// A failure that stops the node from starting.
 #[derive(Debug, Error)]
 pub enum NodeError {
     /// io_uring or its locked memory is unavailable.
-    #[error(
-        "cannot start the io_uring runtime for core {core}: {cause}. NexusNode needs io_uring \
-         (Linux 5.8 or later, not blocked by seccomp: Docker 25 and later block it by default, so \
-         run the container with the seccomp profile in deploy/seccomp-io-uring.json) and some \
-         locked memory (raise `ulimit -l` to at least 8 MiB, or set memlock in the compose file)"
-    )]
+    #[error("cannot start the io_uring runtime for core {core}: {cause}. {fix}")]
     Runtime {
         /// The core whose executor failed.
         core: usize,
         /// glommio's error.
         cause: String,
+        /// What the operator can do about it.
+        fix: &'static str,
     },
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {cause}")]
@@ -151,10 +169,7 @@ fn start_core(
             let _ = ready_tx.send(Ok(bound));
             Core::new(id, node, &log).run(listener, receiver).await;
         })
-        .map_err(|error| NodeError::Runtime {
-            core: id,
-            cause: error.to_string(),
-        })?;
+        .map_err(|error| runtime_error(id, error.to_string()))?;
 
     match ready_rx.recv() {
         Ok(Ok(bound)) => Ok((handle, bound)),
@@ -168,7 +183,7 @@ fn start_core(
                 Err(error) => error.to_string(),
                 Ok(()) => "executor stopped at start".to_owned(),
             };
-            Err(NodeError::Runtime { core: id, cause })
+            Err(runtime_error(id, cause))
         }
     }
 }

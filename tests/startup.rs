@@ -1,0 +1,38 @@
+//! Start-up failures: the node must exit with a message that names the cause and the fix.
+
+use std::process::Command;
+
+/// Runs the node under `prlimit` with no locked memory, which glommio needs for io_uring.
+#[test]
+fn no_locked_memory_names_fix() {
+    let output = Command::new("prlimit")
+        .args(["--memlock=0:0", env!("CARGO_BIN_EXE_nexus-node")])
+        .args(["--listen", "127.0.0.1:0", "--cores", "1"])
+        .output()
+        .expect("prlimit runs (Debian package util-linux)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("io_uring runtime"), "stderr: {stderr}");
+    assert!(stderr.contains("ulimit -l"), "stderr: {stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("node failed to start"), "stdout: {stdout}");
+}
+
+/// A listen address that is already taken by another program stops the node with exit code 1.
+#[test]
+fn taken_address_is_reported() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = Command::new(env!("CARGO_BIN_EXE_nexus-node"))
+        .args(["--listen", &addr, "--cores", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "stderr: {stderr}"
+    );
+}
