@@ -20,7 +20,7 @@ use slog::{debug, info, o, warn, Logger};
 use crate::bus::{CoreMessage, CoreReceiver, CoreSender, Publication};
 use crate::codes::close;
 use crate::config::Config;
-use crate::link::{ClusterLink, LinkDown, LinkHealth};
+use crate::link::{ClusterLink, LinkDown};
 use crate::logging::RepeatCounter;
 use crate::outbound::{Outbound, Push};
 use crate::topic::{Insertion, Removal, SubscriptionIndex};
@@ -302,7 +302,8 @@ impl Core {
     /// then tells the publisher that other nodes did not.
     pub fn publish(&self, topic: &str, frame: Vec<u8>) -> Result<(), LinkDown> {
         let mut result = Ok(());
-        let clustered = self.node.link.health() != LinkHealth::Standalone;
+        // Read from the settings, not from link.health(), which may lock while the link is down.
+        let clustered = self.config().redis_url.is_some();
         if self.node.cores.len() > 1 || clustered {
             let publication = Arc::new(Publication {
                 topic: topic.into(),
