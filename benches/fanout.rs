@@ -2,10 +2,11 @@
 //! 1,000 subscribed connections, in memory.
 //!
 //! The core runs without its executor, so no socket is written: each connection gets a fake file
-//! descriptor, and between iterations the benchmark empties every queue the way the flush loop
-//! would after a complete write. Only `Core::publish` is timed. It matches the topic in the
-//! subscription index, copies the frame once into a shared buffer and queues it on each
-//! connection. Divide the time per publish by 1,000 for the time per delivery.
+//! descriptor. Between iterations the benchmark takes the core's flush list with
+//! `Core::take_dirty`, as the flush loop does, and empties every queue as a complete write would.
+//! Only `Core::publish` is timed. It matches the topic in the subscription index, copies the
+//! frame once into a shared buffer, queues it on each connection and adds each connection to the
+//! flush list. Divide the time per publish by 1,000 for the time per delivery.
 //!
 //! Run with `cargo bench --bench fanout`.
 
@@ -29,7 +30,8 @@ const TOPIC: &str = "market_updates";
 /// `data` of the PUBLISH example in docs/protocol.md.
 const DATA: &[u8] = br#"{"symbol":"BTC/USD","price":64000}"#;
 
-/// Stands in for a socket. Nothing writes to it because the flush loop is not running.
+/// File descriptor given to every connection in place of a socket. Nothing writes to it because
+/// the flush loop is not running.
 const FAKE_FD: i32 = -1;
 
 /// One core of a single-core node, with its connections.
@@ -89,7 +91,7 @@ fn drain(core: &Core, batch: &mut Vec<Rc<Conn>>) -> usize {
     count
 }
 
-/// Publishes once and checks that each connection got the frame exactly once.
+/// Publishes once and checks that the frame is queued exactly once on each connection.
 fn check_delivery(bench: &Bench, frame: &[u8]) {
     bench
         .core
@@ -108,10 +110,10 @@ fn check_delivery(bench: &Bench, frame: &[u8]) {
 fn bench_fanout(c: &mut Criterion) {
     let frame = encode_delivery(TOPIC, DATA);
     let cases: [(&str, &[&str]); 2] = [
-        // Every connection holds the exact topic.
+        // Every connection subscribes to the exact topic.
         ("exact", &[TOPIC]),
-        // Every connection also holds `*`, so the index yields each connection twice and the
-        // core drops the second match.
+        // Every connection also subscribes to `*`, so the index yields each connection twice and
+        // the core drops the second match.
         ("exact_and_wildcard", &[TOPIC, "*"]),
     ];
 
