@@ -57,6 +57,7 @@ fn build(patterns: &[&str]) -> Bench {
         cores: vec![sender],
         connections: AtomicUsize::new(0),
         shutting_down: AtomicBool::new(false),
+        intake_stopped: AtomicUsize::new(0),
         link: Arc::new(LocalLink),
         started: Instant::now(),
     });

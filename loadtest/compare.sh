@@ -9,8 +9,15 @@
 # (see loadtest/peers.md). Every run is bounded by --duration and by
 # `timeout`; the script kills only the processes it started.
 #
+# Before every run it waits until the machine is quiet (1-minute load below
+# QUIET_LOAD, for at most QUIET_WAIT seconds) and records in each result line
+# the load it started at (`load_before`) and the CPU that other processes used
+# during the run (`other_cores`), so that figures taken on a busy machine
+# stand out.
+#
 # Usage: loadtest/compare.sh            (all cases, 2 rounds)
 #        CASES="fanout topics" ROUNDS=3 BROKERS="nexus yardstick" loadtest/compare.sh
+# Broker `nexus-cN` is nexus-node with `--cores N`, labelled as such.
 # Every setting below can be overridden from the environment.
 
 set -euo pipefail
@@ -26,6 +33,17 @@ OUT=${OUT:-$here/results/$(date +%Y-%m-%d_%H%M%S)}
 SKIP_BUILD=${SKIP_BUILD:-0}
 # Client threads of the load generator; the brokers get the rest of the machine.
 THREADS=${THREADS:-1}
+# Generator processes; each may hold at most `ulimit -n` sockets.
+PROCESSES=${PROCESSES:-1}
+# Source addresses of the generator's connections (space-separated, e.g.
+# "127.0.0.2 127.0.0.3"); empty: the kernel picks. One address has about
+# 28,000 ephemeral ports per broker port, and connections closed by the
+# previous run hold theirs in TIME_WAIT for 60 s.
+BIND_IPS=${BIND_IPS:-}
+# A run starts when the 1-minute load average is below QUIET_LOAD, or after
+# QUIET_WAIT seconds of waiting (polled every 20 s), whichever comes first.
+QUIET_LOAD=${QUIET_LOAD:-1.0}
+QUIET_WAIT=${QUIET_WAIT:-600}
 
 FANOUT_SUBSCRIBERS=${FANOUT_SUBSCRIBERS:-500}
 # Messages in flight (published, not yet at every subscriber) in the throughput case.
@@ -41,6 +59,9 @@ STORM_CONNECTIONS=${STORM_CONNECTIONS:-2000}
 STORM_AFTER=${STORM_AFTER:-5}
 STORM_DURATION=${STORM_DURATION:-30}
 CLUSTER_SUBSCRIBERS=${CLUSTER_SUBSCRIBERS:-500}
+# Messages per second in the cluster case; empty: as fast as 1,000 messages
+# in flight allow.
+CLUSTER_RATE=${CLUSTER_RATE:-}
 
 NEXUS_PORT=3001
 NODE_PORT=3201
@@ -50,9 +71,11 @@ REDIS_PORT=${REDIS_PORT:-6390}
 SOCKUDO_CONFIG=$here/sockudo.toml
 SOCKUDO_APP=(--app-id nexus-bench --app-key nexus-bench-key --app-secret nexus-bench-secret)
 
-loadtest=$root/target/release/nexus-loadtest
-nexus=$root/target/release/nexus-node
-yardstick=$root/target/release/nexus-yardstick
+# Binaries; point these at copies to keep a build in another tree from
+# replacing them during a long comparison.
+loadtest=${LOADTEST_BIN:-$root/target/release/nexus-loadtest}
+nexus=${NEXUS_BIN:-$root/target/release/nexus-node}
+yardstick=${YARDSTICK_BIN:-$root/target/release/nexus-yardstick}
 
 # Pids of the processes this script started and has not stopped yet.
 started=()
@@ -139,12 +162,13 @@ start_broker() {
     broker_urls=()
     for ((i = 0; i < nodes; i++)); do
         case $broker in
-        nexus)
+        nexus | nexus-c*)
             port=$((NEXUS_PORT + i))
-            local cluster=()
-            ((nodes > 1)) && cluster=(--redis "redis://127.0.0.1:$REDIS_PORT")
+            local extra=()
+            ((nodes > 1)) && extra+=(--redis "redis://127.0.0.1:$REDIS_PORT")
+            [[ $broker == nexus-c* ]] && extra+=(--cores "${broker#nexus-c}")
             spawn "nexus-node :$port" "$prefix.nexus$i.log" \
-                "$nexus" --listen "127.0.0.1:$port" --log-level warn ${cluster[@]+"${cluster[@]}"}
+                "$nexus" --listen "127.0.0.1:$port" --log-level warn ${extra[@]+"${extra[@]}"}
             ;;
         node)
             port=$((NODE_PORT + i))
@@ -168,7 +192,7 @@ start_broker() {
         broker_pids+=("$spawned")
         broker_urls+=("ws://127.0.0.1:$port/")
         wait_for_port "$port" || return 1
-        if [[ $broker == nexus || $broker == node ]]; then
+        if [[ $broker == nexus* || $broker == node ]]; then
             wait_for_health "$port" || return 1
         fi
     done
@@ -207,6 +231,7 @@ case_args() {
         ;;
     cluster)
         printf '%s\n' cluster --subscribers "$CLUSTER_SUBSCRIBERS" --publishers 1
+        [[ -z $CLUSTER_RATE ]] || printf '%s\n' --rate "$CLUSTER_RATE"
         ;;
     *)
         log "unknown case $1"
@@ -223,7 +248,7 @@ applies() {
     fi
     if [[ $name == cluster ]]; then
         # Only nexus-node and the Node reference have a Redis cluster mode here.
-        [[ $broker == nexus || $broker == node ]] && command -v redis-server >/dev/null
+        [[ $broker == nexus* || $broker == node ]] && command -v redis-server >/dev/null
         return
     fi
     return 0
@@ -237,10 +262,13 @@ run_one() {
     [[ $name == cluster ]] && nodes=2
 
     local line status=0
+    wait_for_quiet
+    take_cpu_snapshot
+    local cpu_before=$snapshot
     if ! start_broker "$broker" "$nodes" "$prefix"; then
         log "round $round: $broker did not start for $name, see $prefix.*.log"
         stop_broker
-        record_result '{}' 1 "$broker" "$name" "$round"
+        record_result '{}' 1 "$broker" "$name" "$round" "$cpu_before"
         return
     fi
 
@@ -253,7 +281,9 @@ run_one() {
         args+=(--protocol pusher "${SOCKUDO_APP[@]}")
     fi
     [[ $name == storm ]] || args+=(--duration "$DURATION")
-    args+=(--threads "$THREADS" --label "$broker" --json)
+    local ip
+    for ip in $BIND_IPS; do args+=(--bind-ip "$ip"); done
+    args+=(--processes "$PROCESSES" --threads "$THREADS" --label "$broker" --json)
 
     log "round $round: $name on $broker"
     # The generator stops by itself; timeout only guards against a hang.
@@ -265,17 +295,78 @@ run_one() {
         log "round $round: $name on $broker failed (exit $status), see $prefix.loadtest.log"
         line='{}'
     fi
-    record_result "$line" "$status" "$broker" "$name" "$round"
+    record_result "$line" "$status" "$broker" "$name" "$round" "$cpu_before"
 }
 
-# Appends result line $1 to results.jsonl with the exit status, broker, case and round.
+# Waits until the 1-minute load average is below QUIET_LOAD, polling every
+# 20 s for at most QUIET_WAIT seconds, and sets load_before to the load the
+# run starts at. A run still starts after the wait; its line records the load.
+wait_for_quiet() {
+    local waited=0
+    load_before=$(cut -d' ' -f1 /proc/loadavg)
+    while awk -v load="$load_before" -v limit="$QUIET_LOAD" 'BEGIN { exit !(load >= limit) }' &&
+        ((waited < QUIET_WAIT)); do
+        log "1-minute load $load_before is not below $QUIET_LOAD; waiting ($waited s so far)"
+        sleep 20
+        waited=$((waited + 20))
+        load_before=$(cut -d' ' -f1 /proc/loadavg)
+    done
+}
+
+# Sets snapshot to "OWN MACHINE NOW": CPU seconds of this script's reaped children (brokers
+# and generators) and of redis-server, and the machine's busy CPU seconds
+# (user, nice and system in /proc/stat), and the wall time. Runs `times` in this shell, not in a
+# subshell, because a subshell has children of its own.
+take_cpu_snapshot() {
+    times >"$OUT/logs/times"
+    local redis_ticks=0 tick
+    tick=$(getconf CLK_TCK)
+    if [[ -n $redis_pid && -r /proc/$redis_pid/stat ]]; then
+        # utime and stime are fields 14 and 15; the command name before them has no spaces.
+        redis_ticks=$(awk '{ print $14 + $15 }' "/proc/$redis_pid/stat")
+    fi
+    snapshot=$(
+        awk -v redis="$redis_ticks" -v tick="$tick" '
+        NR == 2 {
+            for (i = 1; i <= 2; i++) {
+                split($i, part, "m")
+                sub(/s$/, "", part[2])
+                own += part[1] * 60 + part[2]
+            }
+        }
+        END { printf "%.2f ", own + redis / tick }' "$OUT/logs/times"
+        awk -v tick="$tick" '$1 == "cpu" { printf "%.2f ", ($2 + $3 + $4) / tick }' /proc/stat
+        date +%s.%N
+    )
+}
+
+# Appends result line $1 to results.jsonl with the exit status, broker, case
+# and round, the load the run started at, and the cores that other processes
+# used during it: the machine's busy time since snapshot $6 (take_cpu_snapshot)
+# less that of this script's processes, over the run's wall time. Kernel
+# threads, such as ksoftirqd doing loopback work, count as other processes.
 record_result() {
+    local other
+    take_cpu_snapshot
+    other=$(awk -v before="$6" -v after="$snapshot" 'BEGIN {
+        split(before, b, " ")
+        split(after, a, " ")
+        spent = (a[2] - b[2]) - (a[1] - b[1])
+        wall = a[3] - b[3]
+        printf "%.2f", (spent > 0 && wall > 0) ? spent / wall : 0
+    }')
     jq -c --argjson exit "$2" --arg broker "$3" --arg case "$4" --argjson round "$5" \
-        '. + {broker: $broker, case: $case, round: $round, exit: $exit}' \
+        --argjson load "$load_before" --argjson other "$other" \
+        '. + {broker: $broker, case: $case, round: $round, exit: $exit,
+              load_before: $load, other_cores: $other}' \
         <<<"$1" >>"$OUT/results.jsonl"
 }
 
 start_redis() {
+    if (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT") 2>/dev/null; then
+        log "port $REDIS_PORT is in use; set REDIS_PORT to a free port"
+        exit 1
+    fi
     spawn "redis-server :$REDIS_PORT" "$OUT/logs/redis.log" \
         redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no
     redis_pid=$spawned
@@ -310,9 +401,14 @@ def median(group, *path):
 def fmt(value, scale=1.0, digits=0):
     return "–" if value is None else f"{value * scale:,.{digits}f}"
 
-columns = ["case", "broker", "ok runs", "deliveries/s (min–max)", "p50 ms", "p99 ms",
-           "p99.9 ms", "lost", "broker CPU cores", "deliveries per CPU-s",
-           "% of yardstick", "connects/s", "RSS B/conn", "storm all back s", "notes"]
+def highest(group, key):
+    values = [run[key] for run in group if run.get(key) is not None]
+    return max(values) if values else None
+
+columns = ["case", "broker", "ok runs", "publishes/s", "deliveries/s (min–max)", "p50 ms",
+           "p99 ms", "p99.9 ms", "lost", "broker CPU cores", "deliveries per CPU-s",
+           "% of yardstick per CPU-s", "connects/s", "RSS B/conn", "storm all back s",
+           "load before (max)", "other cores (max)", "notes"]
 print("| " + " | ".join(columns) + " |")
 print("|" + "---|" * len(columns))
 for (case, broker), group in runs.items():
@@ -321,11 +417,15 @@ for (case, broker), group in runs.items():
     rate = statistics.median(rates) if rates else None
     spread = f" ({min(rates):,.0f}–{max(rates):,.0f})" if len(rates) > 1 else ""
     yardstick = runs.get((case, "yardstick"), [])
-    yard_rates = [run["deliveries_per_s"] for run in yardstick
-                  if run.get("exit") == 0 and run.get("deliveries_per_s")]
+    # Share of the yardstick's deliveries per node CPU-second: the work per
+    # CPU, which does not depend on how many cores a broker may use.
+    yard_efficiency = [get(run, "node", "deliveries_per_cpu_s") for run in yardstick
+                       if run.get("exit") == 0]
+    yard_efficiency = [value for value in yard_efficiency if value]
+    efficiency = median(good, "node", "deliveries_per_cpu_s")
     share = None
-    if rate and yard_rates:
-        share = 100 * rate / statistics.median(yard_rates)
+    if rate and efficiency and yard_efficiency:
+        share = 100 * efficiency / statistics.median(yard_efficiency)
     notes = []
     if len(good) < len(group):
         notes.append(f"{len(group) - len(good)} failed")
@@ -339,6 +439,7 @@ for (case, broker), group in runs.items():
             errors[kind] = errors.get(kind, 0) + count
     notes.extend(f"{kind} ×{count}" for kind, count in sorted(errors.items()))
     cells = [case, broker, f"{len(good)}/{len(group)}",
+             fmt(median(good, "publishes_per_s")) if rate else "–",
              fmt(rate) + spread if rate else "–",
              fmt(median(good, "latency_us", "p50"), 1e-3, 2),
              fmt(median(good, "latency_us", "p99"), 1e-3, 2),
@@ -350,6 +451,8 @@ for (case, broker), group in runs.items():
              fmt(median(good, "connections", "connect_rate_per_s")),
              fmt(median(good, "connections", "rss_bytes_per_connection")),
              fmt(median(good, "storm", "all_back_s"), 1, 2),
+             fmt(highest(group, "load_before"), 1, 2),
+             fmt(highest(group, "other_cores"), 1, 2),
              ", ".join(notes)]
     print("| " + " | ".join(cells) + " |")
 PYTHON

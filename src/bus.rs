@@ -28,6 +28,8 @@ pub struct Publication {
 pub enum CoreMessage {
     /// Deliver a publication to this core's matching subscribers.
     Deliver(Arc<Publication>),
+    /// Stop reading requests from clients, so that no new publish starts on this core.
+    StopIntake,
     /// Stop accepting, close every connection with 1001 and stop the core.
     Shutdown,
 }

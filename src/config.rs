@@ -347,11 +347,18 @@ impl Config {
                 ));
             }
         }
-        if self.redis_prefix.len() > 64 || self.redis_prefix.contains(char::is_whitespace) {
+        // Topics may contain ':', so a prefix with a ':' before its end could be the start of
+        // another cluster's channel names (`nexus:` and `nexus:staging:`). With exactly one ':'
+        // at the end, the first ':' of a channel name always ends its prefix.
+        let name = self.redis_prefix.strip_suffix(':').unwrap_or("");
+        let valid_name = name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if name.is_empty() || name.len() > 63 || !valid_name {
             return Err(invalid(
                 "redis_prefix",
                 &self.redis_prefix,
-                "must be at most 64 characters without spaces",
+                "must be 1 to 63 letters, digits, '_' or '-' followed by one ':', e.g. nexus:",
             ));
         }
         for (name, value) in [

@@ -208,6 +208,11 @@ impl Session {
         if let Poll::Ready(Err(error)) = self.poll_blocked_write(cx) {
             return Poll::Ready(Event::Failed(error));
         }
+        // During shutdown no request is read, so nothing is acknowledged that the node could
+        // not deliver before it closes the connection.
+        if self.core.intake_stopped() {
+            return Poll::Pending;
+        }
         let mut scratch = self.core.scratch.borrow_mut();
         match Pin::new(&mut self.stream).poll_read(cx, &mut scratch[..]) {
             Poll::Ready(Ok(0)) => Poll::Ready(Event::Eof),

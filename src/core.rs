@@ -41,6 +41,8 @@ pub struct NodeShared {
     pub connections: AtomicUsize,
     /// Set once shutdown starts.
     pub shutting_down: AtomicBool,
+    /// Cores that have stopped reading requests during shutdown.
+    pub intake_stopped: AtomicUsize,
     /// The cluster link.
     pub link: Arc<dyn ClusterLink>,
     /// When the node started.
@@ -144,6 +146,7 @@ pub struct Core {
     /// The read buffer all connections of this core read into.
     pub scratch: RefCell<Box<[u8]>>,
     stopping: Cell<bool>,
+    intake_stopped: Cell<bool>,
     ping_frame: Rc<[u8]>,
     next_conn_id: Cell<u64>,
     write_errors: RefCell<RepeatCounter>,
@@ -165,10 +168,16 @@ impl Core {
             flusher: RefCell::new(None),
             scratch: RefCell::new(vec![0; READ_SCRATCH].into_boxed_slice()),
             stopping: Cell::new(false),
+            intake_stopped: Cell::new(false),
             ping_frame: Rc::from(ping),
             next_conn_id: Cell::new(0),
             write_errors: RefCell::new(RepeatCounter::default()),
         })
+    }
+
+    /// Returns whether sessions must stop reading requests because the node is shutting down.
+    pub fn intake_stopped(&self) -> bool {
+        self.intake_stopped.get()
     }
 
     /// Returns the node's settings.
@@ -227,6 +236,10 @@ impl Core {
             for message in batch.drain(..) {
                 match message {
                     CoreMessage::Deliver(publication) => self.deliver_remote(&publication),
+                    CoreMessage::StopIntake => {
+                        self.intake_stopped.set(true);
+                        self.node.intake_stopped.fetch_add(1, Ordering::AcqRel);
+                    }
                     CoreMessage::Shutdown => return,
                 }
             }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -101,6 +101,7 @@ pub fn run_with_link(
         cores: senders,
         connections: AtomicUsize::new(0),
         shutting_down: AtomicBool::new(false),
+        intake_stopped: AtomicUsize::new(0),
         link,
         started: Instant::now(),
     });
@@ -109,7 +110,7 @@ pub fn run_with_link(
     let cpus: Vec<usize> = core_affinity::get_core_ids()
         .map(|ids| ids.into_iter().map(|id| id.id).collect())
         .unwrap_or_default();
-    let mut listen = node.config.listen;
+    let mut listen = probe_listen_address(node.config.listen)?;
     let mut handles = Vec::with_capacity(receivers.len());
     for (id, receiver) in receivers.into_iter().enumerate() {
         let cpu = cpus.get(id % cpus.len().max(1)).copied();
@@ -127,7 +128,7 @@ pub fn run_with_link(
         "max_message_size" => node.config.max_message_size,
         "ping_interval_ms" => node.config.ping_interval.as_millis() as u64,
         "pong_timeout_ms" => node.config.pong_timeout.as_millis() as u64,
-        "link" => ?node.link.health());
+        "cluster" => node.config.redis_url.is_some());
 
     for (id, handle) in handles.into_iter().enumerate() {
         if let Err(error) = handle.join() {
@@ -188,6 +189,37 @@ fn start_core(
     }
 }
 
+/// Checks that no other process listens on `addr`, and resolves port 0 to a free port.
+///
+/// The cores bind with `SO_REUSEPORT`, which would let a second node of the same user share the
+/// port and silently take part of its connections. A plain bind without that option fails while
+/// any other socket listens there.
+fn probe_listen_address(addr: SocketAddr) -> Result<SocketAddr, NodeError> {
+    let probe = std::net::TcpListener::bind(addr).map_err(|error| NodeError::Bind {
+        addr,
+        cause: format!("{error} (is another node running on this port?)"),
+    })?;
+    probe.local_addr().map_err(|error| NodeError::Bind {
+        addr,
+        cause: error.to_string(),
+    })
+}
+
+/// Stops every core from reading requests, and waits until all have stopped, for at most a
+/// second. A publish that one core accepted before it stopped is then already in the other
+/// cores' inboxes ahead of their Shutdown message, so it reaches subscribers before they close.
+fn stop_intake(node: &NodeShared) {
+    for core in &node.cores {
+        core.send(CoreMessage::StopIntake);
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while node.intake_stopped.load(Ordering::Acquire) < node.cores.len()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn install_signal_handler(node: &Arc<NodeShared>, log: &Logger) -> Result<(), NodeError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
@@ -201,6 +233,7 @@ fn install_signal_handler(node: &Arc<NodeShared>, log: &Logger) -> Result<(), No
                 info!(log, "shutdown started"; "signal" => signal,
                     "drain_timeout_ms" => node.config.drain_timeout.as_millis() as u64);
                 node.shutting_down.store(true, Ordering::Relaxed);
+                stop_intake(&node);
                 for core in &node.cores {
                     core.send(CoreMessage::Shutdown);
                 }

@@ -26,6 +26,18 @@ pub enum Action {
     Ping,
 }
 
+impl Action {
+    /// Returns the action's name as clients write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Subscribe => "SUBSCRIBE",
+            Action::Unsubscribe => "UNSUBSCRIBE",
+            Action::Publish => "PUBLISH",
+            Action::Ping => "PING",
+        }
+    }
+}
+
 /// A parsed client request. Borrowed values point into the received text.
 #[derive(Debug)]
 pub struct Request<'a> {

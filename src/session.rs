@@ -168,7 +168,7 @@ fn on_message(kind: FrameKind, payload: &[u8], core: &Core, conn: &Rc<Conn>, log
 
 fn handle_request(request: Request<'_>, core: &Core, conn: &Rc<Conn>, log: &Logger) {
     trace!(log, "request";
-        "conn_id" => conn.id, "action" => ?request.action, "topic" => request.topic.as_deref());
+        "conn_id" => conn.id, "action" => request.action.as_str(), "topic" => request.topic.as_deref());
     let id = request.id;
     let result = match request.action {
         Action::Ping => Ok(protocol::encode_reply("pong", None, id)),

@@ -137,6 +137,12 @@ fn check_header(
     if header.rsv1 || header.rsv2 || header.rsv3 {
         return Err(WsError::Protocol("reserved bits set"));
     }
+    // RFC 6455 5.2: the most significant bit of a 64-bit payload length must be 0.
+    if len > i64::MAX as u64 {
+        return Err(WsError::Protocol(
+            "payload length with the most significant bit set",
+        ));
+    }
     // RFC 6455 5.1: a server must close the connection when a client frame is not masked.
     if header.mask.is_none() {
         return Err(WsError::Protocol("client frame not masked"));

@@ -132,3 +132,59 @@ fn idle_node_exits_on_sigterm() {
         l["msg"] == "node stopped"
     });
 }
+
+/// Reads text messages until the connection closes, returning the JSON values received.
+fn read_until_closed(client: &mut Client) -> Vec<serde_json::Value> {
+    let mut received = Vec::new();
+    while let common::client::Incoming::Text(text) = client.read_incoming(common::EVENT_TIMEOUT) {
+        received.push(serde_json::from_str(&text).expect("the node sends JSON"));
+    }
+    received
+}
+
+#[test]
+fn shutdown_delivers_acknowledged_publishes() {
+    let mut node = Node::start_with(&[("--drain-timeout", "5s")]);
+    let mut clients = connect_on_every_core(&node, 2);
+    let (publisher, subscribers) = clients.split_first_mut().expect("four clients");
+    for placed in subscribers.iter_mut() {
+        placed.client.subscribe("drain");
+    }
+
+    // A flood of acknowledged publishes is still being read when the signal arrives.
+    for i in 0..3000 {
+        let request = format!(r#"{{"action":"PUBLISH","topic":"drain","data":{i},"id":{i}}}"#);
+        publisher.client.write_text(&request);
+    }
+    publisher.client.flush();
+    node.signal(libc::SIGTERM);
+
+    let acknowledged: Vec<u64> = read_until_closed(&mut publisher.client)
+        .iter()
+        .filter(|reply| reply["type"] == "published")
+        .map(|reply| reply["id"].as_u64().expect("numeric id"))
+        .collect();
+    assert!(!acknowledged.is_empty(), "no publish was acknowledged");
+    for placed in subscribers.iter_mut() {
+        let delivered: std::collections::HashSet<u64> = read_until_closed(&mut placed.client)
+            .iter()
+            .filter(|message| message["type"] == "message")
+            .filter_map(|message| message["data"].as_u64())
+            .collect();
+        let missing: Vec<&u64> = acknowledged
+            .iter()
+            .filter(|id| !delivered.contains(id))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "subscriber on core {} missed {} acknowledged messages, first {:?}",
+            placed.conn.core,
+            missing.len(),
+            missing.first()
+        );
+    }
+    assert_eq!(
+        node.wait_exit(Duration::from_secs(5) + EXIT_SLACK).code(),
+        Some(0)
+    );
+}

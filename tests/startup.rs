@@ -36,3 +36,41 @@ fn taken_address_is_reported() {
         "stderr: {stderr}"
     );
 }
+
+/// A second node on the port of a running one must not start: with `SO_REUSEPORT` the kernel
+/// would otherwise share the port's connections between the two.
+#[test]
+fn second_node_on_same_port_fails() {
+    let first = std::process::Command::new(env!("CARGO_BIN_EXE_nexus-node"))
+        .args(["--listen", "127.0.0.1:0", "--cores", "1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = KillOnDrop(first);
+    let mut line = String::new();
+    let stdout = first.0.stdout.take().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    let log: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let addr = log["listen"]
+        .as_str()
+        .expect("node started names its address")
+        .to_owned();
+
+    let output = Command::new(env!("CARGO_BIN_EXE_nexus-node"))
+        .args(["--listen", &addr, "--cores", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("another node"), "stderr: {stderr}");
+}
+
+/// Kills the child process when the test ends, whatever its outcome.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -40,6 +40,9 @@ pub struct NodeSamples {
     pub memory_measured: MemoryByPid,
     /// CPU time from the start to the end of the run.
     pub cpu: CpuByPid,
+    /// CPU nanoseconds of each `--pid` during setup, while the clients
+    /// connected; `None` when it could not be read.
+    pub setup_cpu: Vec<(u32, Option<u64>)>,
 }
 
 /// Runs the load described by `config` and returns its results.
@@ -58,11 +61,23 @@ pub fn run(config: Arc<RunConfig>) -> Result<Report, String> {
         config.placement.subscribers + config.placement.publishers,
         config.placement.shards
     );
+    let cpu_before: Vec<_> = pids.iter().map(|&pid| process_cpu_ns(pid)).collect();
     let mut workers = Workers::start(&config)?;
     if let Err(error) = workers.wait_ready() {
         workers.abort();
         return Err(error);
     }
+    let setup_cpu = pids
+        .iter()
+        .zip(cpu_before)
+        .map(|(&pid, before)| {
+            let spent = process_cpu_ns(pid).zip(before);
+            (
+                pid,
+                spent.map(|(after, before)| after.saturating_sub(before)),
+            )
+        })
+        .collect();
 
     let go_ns = now_ns() + GO_DELAY.as_nanos() as i64;
     let sampler = Sampler::start(&config, go_ns);
@@ -76,6 +91,7 @@ pub fn run(config: Arc<RunConfig>) -> Result<Report, String> {
         memory_before,
         memory_measured,
         cpu,
+        setup_cpu,
     };
     Ok(results::build(&config, &merged?, &samples, go_ns))
 }

@@ -6,8 +6,8 @@
 //!   ([`worker`]), samples the node processes, merges results.
 //! - [`shard`]: one single-threaded runtime with its share of the clients:
 //!   [`subscriber`] with its [`inbox`] (the delivery hot path),
-//!   [`publisher`] and [`pusher`]
-//!   (Pusher HTTP API publishing).
+//!   [`publisher`], with [`http_pool`] and [`pusher`] for Pusher HTTP API
+//!   publishing.
 //! - [`ws`]: WebSocket handshake; [`frame`]: frame reader and writer;
 //!   [`payload`]: stamped payloads; [`track`]: order checks and in-flight
 //!   windows; [`placement`]: which shard, URL and topic each client uses.
@@ -18,6 +18,7 @@ mod cli;
 mod config;
 mod coordinator;
 mod frame;
+mod http_pool;
 mod inbox;
 mod payload;
 mod placement;

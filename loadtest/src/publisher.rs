@@ -5,6 +5,9 @@
 //! `k / rate` seconds after the start; a publisher that falls behind sends
 //! what is due at once. Latency counts from the moment of the write, not
 //! from the scheduled time.
+//!
+//! Pusher publishers send through [`crate::http_pool`] instead: one request
+//! per message, up to [`crate::http_pool::SLOTS`] at a time.
 
 use std::io;
 use std::net::IpAddr;
@@ -18,11 +21,12 @@ use tokio::time::sleep_until;
 use crate::cli::Protocol;
 use crate::config::RunConfig;
 use crate::frame::{self, Event, FrameReader, MaskSource};
+use crate::http_pool::{HttpPool, Job, Target};
 use crate::inbox::error_code;
 use crate::payload::{write_publish, Stamp};
 use crate::placement::TopicCycle;
 use crate::procfs::now_ns;
-use crate::pusher::{App, HttpPublisher};
+use crate::pusher::App;
 use crate::report::add_to_bucket;
 use crate::shard::{Shard, Timeline};
 use crate::ws::{self, WsUrl};
@@ -82,7 +86,7 @@ impl PubSpec {
 /// A publisher's connection.
 enum Conn {
     Nexus(WsConn),
-    Pusher(HttpPublisher),
+    Pusher(HttpPool),
 }
 
 struct WsConn {
@@ -131,10 +135,19 @@ pub async fn connect(shard: &Rc<Shard>, spec: PubSpec) -> Result<Client, String>
                 key: config.common.app_key.clone(),
                 secret: config.common.app_secret.clone(),
             };
-            let http = HttpPublisher::connect(&spec.url, spec.bind, &app)
+            let target = Target {
+                addr: spec.url.addr,
+                bind: spec.bind,
+                publisher: spec.index,
+                size: config.common.size,
+                topics: spec.topic_names.clone(),
+            };
+            let connecting = HttpPool::connect(shard, &spec.url, &app, target);
+            let pool = tokio::time::timeout(config.connect_timeout, connecting)
                 .await
+                .map_err(|_| failed("timed out".to_string()))?
                 .map_err(|error| failed(error.to_string()))?;
-            Conn::Pusher(http)
+            Conn::Pusher(pool)
         }
     };
     Ok(Client { spec, conn })
@@ -203,7 +216,8 @@ fn due_count(elapsed: Duration, rate: f64, sent: u64) -> u64 {
 
 impl Client {
     /// Waits until the next message is due, the in-flight window has room,
-    /// or the server sent something, which it handles. Gives the window up
+    /// a Pusher connection became idle, or the server sent something, which
+    /// it handles. Gives the window up
     /// when receipts have not come for the drain time (at least 1 s).
     async fn wait(
         &mut self,
@@ -232,7 +246,7 @@ impl Client {
         tokio::select! {
             () = shard.inflight.changed(index), if waiting.window == 0 => Ok(()),
             () = sleep_until(wake.into()) => Ok(()),
-            ready = self.conn.stream().readable() => match ready {
+            ready = self.conn.ready() => match ready {
                 Ok(()) => self.conn.poll(shard).await,
                 Err(error) => Err(error),
             },
@@ -255,7 +269,15 @@ impl Client {
             expected += self.spec.receivers[position];
             match &mut self.conn {
                 Conn::Nexus(conn) => conn.write_publish(out, topic, &stamp, size),
-                Conn::Pusher(http) => http.write_request(out, topic, &stamp, size),
+                Conn::Pusher(pool) => {
+                    let job = Job {
+                        seq,
+                        topic: position,
+                    };
+                    // `run` sends at most `room()` messages per batch.
+                    let dispatched = pool.dispatch(job);
+                    debug_assert!(dispatched, "no idle Pusher connection");
+                }
             }
         }
 
@@ -292,14 +314,7 @@ impl Client {
                 );
                 let _ = conn.stream.write_all(&close).await;
             }
-            Conn::Pusher(http) => {
-                while http.outstanding > 0 && Instant::now() < end {
-                    let ready = tokio::time::timeout_at(end.into(), http.stream.readable()).await;
-                    if !matches!(ready, Ok(Ok(()))) || record_statuses(shard, http).is_err() {
-                        break;
-                    }
-                }
-            }
+            Conn::Pusher(pool) => pool.finish(end).await,
         }
     }
 }
@@ -308,21 +323,27 @@ impl Conn {
     fn room(&self) -> u64 {
         match self {
             Conn::Nexus(_) => u64::MAX,
-            Conn::Pusher(http) => http.room(),
+            Conn::Pusher(pool) => pool.room(),
         }
     }
 
-    fn stream(&self) -> &TcpStream {
+    /// Waits until the server sent something (NexusNode) or a connection
+    /// became idle (Pusher).
+    async fn ready(&self) -> io::Result<()> {
         match self {
-            Conn::Nexus(conn) => &conn.stream,
-            Conn::Pusher(http) => &http.stream,
+            Conn::Nexus(conn) => conn.stream.readable().await,
+            Conn::Pusher(pool) => {
+                pool.room_added().await;
+                Ok(())
+            }
         }
     }
 
+    /// Sends the messages of a batch; Pusher slots send their own.
     async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
             Conn::Nexus(conn) => conn.stream.write_all(bytes).await,
-            Conn::Pusher(http) => http.send(bytes).await,
+            Conn::Pusher(_) => Ok(()),
         }
     }
 
@@ -330,20 +351,9 @@ impl Conn {
     async fn poll(&mut self, shard: &Shard) -> io::Result<()> {
         match self {
             Conn::Nexus(conn) => conn.poll(shard).await,
-            Conn::Pusher(http) => record_statuses(shard, http),
+            Conn::Pusher(_) => Ok(()),
         }
     }
-}
-
-/// Counts the HTTP API's error responses as failed publishes.
-fn record_statuses(shard: &Shard, http: &mut HttpPublisher) -> io::Result<()> {
-    let statuses = http.poll_responses()?;
-    let mut report = shard.report.borrow_mut();
-    for status in statuses.into_iter().filter(|status| *status != 200) {
-        report.counts.publish_errors += 1;
-        report.count_error(&format!("publish:http_{status}"));
-    }
-    Ok(())
 }
 
 impl WsConn {
@@ -405,7 +415,8 @@ impl WsConn {
     }
 }
 
-fn io_kind(error: &io::Error) -> String {
+/// Returns the kind of `error` as a lowercase error code.
+pub fn io_kind(error: &io::Error) -> String {
     format!("{:?}", error.kind()).to_lowercase()
 }
 

@@ -1,29 +1,20 @@
-//! Publishing through the Pusher HTTP API (`POST /apps/APP_ID/events`).
+//! Requests and responses of the Pusher HTTP API (`POST /apps/APP_ID/events`).
 //!
 //! Requests are signed as the Pusher HTTP API specifies: the query contains
 //! `auth_key`, `auth_timestamp`, `auth_version=1.0` and `body_md5` (hex MD5
 //! of the body), sorted by name, and `auth_signature` is the hex
 //! HMAC-SHA256, keyed with the app secret, of `POST\n<path>\n<query>`.
-//! Requests are pipelined on one keep-alive HTTP/1.1 connection.
+//! [`crate::http_pool`] sends them, one at a time per connection.
 
 use std::fmt::Write as _;
 use std::io;
-use std::net::IpAddr;
 
 use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
 use sha2::Sha256;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::payload::{write_pusher_event, Stamp};
-use crate::ws::{connect_tcp, WsUrl};
-
-/// Maximum requests on one connection that have no response yet.
-const MAX_PIPELINE: u64 = 128;
-
-/// Maximum size of one response, head and body.
-const MAX_RESPONSE: usize = 1 << 20;
+use crate::ws::WsUrl;
 
 /// Credentials of a Pusher app.
 #[derive(Clone, Debug)]
@@ -56,35 +47,24 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// A keep-alive HTTP connection that publishes events.
-pub struct HttpPublisher {
-    pub stream: TcpStream,
+/// Writer of signed event publish requests for one app and host.
+#[derive(Clone)]
+pub struct RequestWriter {
     app: App,
     host: String,
     path: String,
     body: Vec<u8>,
-    responses: Vec<u8>,
-    /// Requests sent that have no response yet.
-    pub outstanding: u64,
 }
 
-impl HttpPublisher {
-    /// Connects to the HTTP API on the host and port of `url`.
-    pub async fn connect(url: &WsUrl, bind: Option<IpAddr>, app: &App) -> io::Result<Self> {
-        Ok(HttpPublisher {
-            stream: connect_tcp(url.addr, bind).await?,
+impl RequestWriter {
+    /// Creates a writer for the HTTP API on the host and port of `url`.
+    pub fn new(url: &WsUrl, app: &App) -> RequestWriter {
+        RequestWriter {
             host: url.host_header(),
             path: format!("/apps/{}/events", app.id),
             app: app.clone(),
             body: Vec::new(),
-            responses: Vec::new(),
-            outstanding: 0,
-        })
-    }
-
-    /// Returns how many more requests may be sent before responses arrive.
-    pub fn room(&self) -> u64 {
-        MAX_PIPELINE.saturating_sub(self.outstanding)
+        }
     }
 
     /// Appends one signed publish request to `out`.
@@ -101,52 +81,31 @@ impl HttpPublisher {
         );
         out.extend_from_slice(head.as_bytes());
         out.extend_from_slice(&self.body);
-        self.outstanding += 1;
     }
+}
 
-    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes).await
-    }
-
-    /// Reads the responses available without waiting and returns their
-    /// status codes.
-    pub fn poll_responses(&mut self) -> io::Result<Vec<u16>> {
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            match self.stream.try_read(&mut chunk) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "HTTP API closed the connection",
-                    ))
-                }
-                Ok(count) => self.responses.extend_from_slice(&chunk[..count]),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) => return Err(error),
-            }
-        }
-        let mut statuses = Vec::new();
-        let mut consumed = 0;
-        while let Some((status, len)) = parse_response(&self.responses[consumed..])? {
-            statuses.push(status);
-            consumed += len;
-        }
-        self.responses.drain(..consumed);
-        if self.responses.len() > MAX_RESPONSE {
-            return Err(invalid("HTTP response too long"));
-        }
-        self.outstanding = self.outstanding.saturating_sub(statuses.len() as u64);
-        Ok(statuses)
-    }
+/// A complete HTTP response at the start of a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    /// Length of head and body.
+    pub len: usize,
+    /// Whether the server closes the connection after this response,
+    /// because it sent `Connection: close`, or responded with HTTP/1.0
+    /// without `Connection: keep-alive`.
+    pub closes: bool,
 }
 
 fn invalid(message: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, message.to_string())
 }
 
-/// Parses one complete response at the start of `bytes`; returns its status
-/// and length, or `None` when more bytes are needed.
-fn parse_response(bytes: &[u8]) -> io::Result<Option<(u16, usize)>> {
+/// Parses one complete response at the start of `bytes`, or returns `None`
+/// when more bytes are needed.
+///
+/// A response with neither `Content-Length` nor chunked encoding counts as
+/// having no body: the event publish responses always have one of the two.
+pub fn parse_response(bytes: &[u8]) -> io::Result<Option<Response>> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
     let head_len = match response.parse(bytes) {
@@ -166,6 +125,11 @@ fn parse_response(bytes: &[u8]) -> io::Result<Option<(u16, usize)>> {
                     .to_ascii_lowercase()
             })
     };
+    let closes = match header("connection") {
+        Some(value) if value.contains("close") => true,
+        Some(value) if value.contains("keep-alive") => false,
+        _ => response.version == Some(0),
+    };
     let body = &bytes[head_len..];
     let body_len = if header("transfer-encoding").is_some_and(|value| value.contains("chunked")) {
         chunked_len(body)?
@@ -178,7 +142,11 @@ fn parse_response(bytes: &[u8]) -> io::Result<Option<(u16, usize)>> {
         };
         (body.len() >= length).then_some(length)
     };
-    Ok(body_len.map(|len| (status, head_len + len)))
+    Ok(body_len.map(|len| Response {
+        status,
+        len: head_len + len,
+        closes,
+    }))
 }
 
 /// Returns the length of a complete chunked body, terminator included.
@@ -233,14 +201,40 @@ mod tests {
                     HTTP/1.1 413 Payload Too Large\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
                     HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{\"ok\"";
         let bytes = text.as_bytes();
-        let (status, first) = parse_response(bytes).expect("valid").expect("complete");
-        assert_eq!(status, 200);
-        let (status, second) = parse_response(&bytes[first..])
+        let first = parse_response(bytes).expect("valid").expect("complete");
+        assert_eq!(first.status, 200);
+        assert!(!first.closes);
+        let second = parse_response(&bytes[first.len..])
             .expect("valid")
             .expect("complete");
-        assert_eq!(status, 413);
-        let rest = &bytes[first + second..];
+        assert_eq!(second.status, 413);
+        let rest = &bytes[first.len + second.len..];
         assert_eq!(parse_response(rest).expect("valid"), None);
+    }
+
+    #[test]
+    fn connection_close_is_detected() {
+        let cases: [(&str, bool); 4] = [
+            (
+                "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n",
+                false,
+            ),
+            ("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", true),
+            (
+                "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+                false,
+            ),
+        ];
+        for (text, closes) in cases {
+            let response = parse_response(text.as_bytes())
+                .expect("valid")
+                .expect("complete");
+            assert_eq!(response.closes, closes, "{text:?}");
+        }
     }
 
     #[test]

@@ -134,6 +134,8 @@ pub struct ConnectStats {
     /// Microseconds from the start of the TCP connect to the subscription's
     /// confirmation.
     pub subscribed_us: Hist,
+    /// CPU time of the shard threads during setup, in nanoseconds.
+    pub setup_cpu_ns: u64,
 }
 
 impl ConnectStats {
@@ -145,6 +147,7 @@ impl ConnectStats {
         self.last_ready_ns = self.last_ready_ns.max(other.last_ready_ns);
         self.handshake_us.merge(&other.handshake_us);
         self.subscribed_us.merge(&other.subscribed_us);
+        self.setup_cpu_ns += other.setup_cpu_ns;
     }
 }
 

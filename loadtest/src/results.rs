@@ -113,6 +113,13 @@ pub struct ConnectionsReport {
     pub subscribed_us: Option<Summary>,
     /// Sum over `--pid` processes of the `VmRSS` growth per connection.
     pub rss_bytes_per_connection: Option<f64>,
+    /// CPU seconds of the generator's shard threads during setup.
+    pub generator_cpu_s: f64,
+    /// CPU seconds of the `--pid` processes during setup, from the start of
+    /// the generator's workers until all clients were ready.
+    pub node_cpu_s: Option<f64>,
+    /// Connections set up per CPU second of the `--pid` processes.
+    pub connections_per_node_cpu_s: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -405,6 +412,13 @@ fn connections_report(
         .iter()
         .filter_map(|pid| pid.rss_bytes_per_connection)
         .reduce(|a, b| a + b);
+    let node_cpu_s = samples
+        .setup_cpu
+        .iter()
+        .map(|(_, spent)| *spent)
+        .reduce(|a, b| Some(a? + b?))
+        .flatten()
+        .map(|spent| spent as f64 / 1e9);
     ConnectionsReport {
         target: config.placement.subscribers,
         connected: connect.connected,
@@ -417,6 +431,11 @@ fn connections_report(
         handshake_us: Summary::of(&connect.handshake_us),
         subscribed_us: Summary::of(&connect.subscribed_us),
         rss_bytes_per_connection: rss,
+        generator_cpu_s: connect.setup_cpu_ns as f64 / 1e9,
+        node_cpu_s,
+        connections_per_node_cpu_s: node_cpu_s
+            .filter(|cpu| *cpu > 0.0)
+            .map(|cpu| connect.connected as f64 / cpu),
     }
 }
 

@@ -175,7 +175,9 @@ async fn run_shard(
 ) -> Result<ShardReport, String> {
     let shard = Rc::new(Shard::new(config, index));
 
+    let cpu_before = thread_cpu_ns();
     let setup = setup(&shard).await;
+    shard.report.borrow_mut().connect.setup_cpu_ns = thread_cpu_ns().saturating_sub(cpu_before);
     let (subscribers, publishers) = match setup {
         Ok(clients) => {
             let _ = link.ready.send(Ok(()));

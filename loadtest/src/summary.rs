@@ -74,6 +74,13 @@ fn write_connections(out: &mut String, report: &Report) {
         optional(connections.connect_rate_per_s, "", 0),
         connections.failures
     );
+    let _ = writeln!(
+        out,
+        "  setup CPU: generator {:.2}s, node {} ({} conn per node CPU-second)",
+        connections.generator_cpu_s,
+        optional(connections.node_cpu_s, "s", 2),
+        optional(connections.connections_per_node_cpu_s, "", 0)
+    );
     write_latency(out, "handshake", connections.handshake_us.as_ref());
     write_latency(out, "subscribed", connections.subscribed_us.as_ref());
     if let Some(bytes) = connections.rss_bytes_per_connection {

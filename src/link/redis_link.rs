@@ -89,7 +89,7 @@ impl RedisLink {
             }
         };
         info!(self.log, "cluster link starting"; "redis" => servers, "cluster" => cluster,
-            "prefix" => &settings.prefix, "cpu" => ?cpu);
+            "prefix" => &settings.prefix, "cpu" => cpu);
     }
 
     fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
