@@ -512,6 +512,18 @@ mod tests {
     }
 
     #[test]
+    fn redis_prefix_needs_one_final_colon() {
+        for prefix in ["nexus:staging:", "nexus", "", ":", "a b:", "a*:"] {
+            let result = config(&["--redis-prefix", prefix]);
+            assert!(result.is_err(), "prefix {prefix:?}");
+        }
+        for prefix in ["nexus:", "staging-2:", "a_b:"] {
+            let result = config(&["--redis-prefix", prefix]);
+            assert!(result.is_ok(), "prefix {prefix:?}");
+        }
+    }
+
+    #[test]
     fn file_values_apply_below_flags() {
         let path = std::env::temp_dir().join(format!("nexus-config-{}.toml", std::process::id()));
         std::fs::write(
