@@ -18,7 +18,7 @@
 //! delivery frame once, sends it to every other core's inbox and to the cluster link, and queues
 //! it for its own subscribers. Each receiving core copies the frame once and queues the same bytes
 //! for all of its matching subscribers; a per-core flush then writes each connection's queue with
-//! one system call.
+//! one system call. docs/architecture.md follows a message across two nodes, channel by channel.
 
 #![warn(missing_docs)]
 
