@@ -496,7 +496,9 @@ main() {
         printf 'Commit %s on %s cores (%s). %s rounds; %s s per publishing run; ' \
             "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$(nproc)" \
             "$(uname -r)" "$ROUNDS" "$DURATION"
-        printf 'generator threads %s. Each cell is the median over the rounds that succeeded.\n\n' "$THREADS"
+        printf 'generator threads %s, processes %s. Each cell is the median over the rounds that succeeded.\n\n' \
+            "$THREADS" "$PROCESSES"
+        printf 'Binaries: `%s`, `%s`, `%s`.\n\n' "$nexus" "$yardstick" "$loadtest"
         write_table "$OUT/results.jsonl"
     } >"$OUT/results.md"
     for name in $CASES; do

@@ -99,7 +99,7 @@ pub fn exchange(addr: SocketAddr, request: &str) -> Response {
         .and_then(|value| value.parse::<usize>().ok());
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut chunk = [0u8; 4096];
-    while !length.is_some_and(|length| body.len() >= length) && Instant::now() < deadline {
+    while length.is_none_or(|length| body.len() < length) && Instant::now() < deadline {
         match stream.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => body.extend_from_slice(&chunk[..n]),
