@@ -23,7 +23,7 @@ pub struct Publication {
     pub frame: Box<[u8]>,
 }
 
-/// What one core sends another.
+/// A message from one core to another.
 #[derive(Debug)]
 pub enum CoreMessage {
     /// Deliver a publication to this core's matching subscribers.

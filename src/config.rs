@@ -43,7 +43,7 @@ pub struct Args {
     #[arg(long, env = "NEXUS_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
 
-    /// Longest topic or pattern, in bytes [default: 255]
+    /// Maximum length of a topic or pattern, in bytes [default: 255]
     #[arg(long, env = "NEXUS_MAX_TOPIC_LENGTH", value_name = "BYTES")]
     pub max_topic_length: Option<usize>,
 
@@ -139,7 +139,7 @@ pub struct Config {
     pub max_subscriptions: usize,
     /// Connections per node.
     pub max_connections: usize,
-    /// Longest topic, in bytes.
+    /// Maximum topic length, in bytes.
     pub max_topic_length: usize,
     /// Outbound bytes queued per connection before it is closed.
     pub max_outbound_queue: usize,
@@ -191,7 +191,7 @@ pub enum ConfigError {
         name: &'static str,
         /// The value given.
         value: String,
-        /// What is accepted.
+        /// The accepted range or form.
         expected: &'static str,
     },
 }

@@ -140,7 +140,7 @@ impl std::fmt::Display for Remote {
     }
 }
 
-/// How a session ended.
+/// The cause that ended a session.
 enum Ending {
     /// The client closed the TCP connection.
     Eof,

@@ -49,7 +49,7 @@ pub struct NodeShared {
     pub started: Instant,
 }
 
-/// Why a connection is being closed, as requested by the core or the connection itself.
+/// A request to close a connection, made by the core or by the connection itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CloseRequest {
     /// The close code to send, or `None` to drop the socket without a close frame.
@@ -58,7 +58,7 @@ pub struct CloseRequest {
     pub reason: &'static str,
 }
 
-/// A connection as its core sees it. The connection's own task owns the socket.
+/// The core's record of one connection. The connection's own task owns the socket.
 pub struct Conn {
     /// Index of this connection in its core's table.
     pub key: u32,
@@ -82,7 +82,7 @@ pub struct Conn {
     pub patterns: RefCell<Vec<Box<str>>>,
 }
 
-/// A ping that has been queued but not answered yet.
+/// A ping that has been queued and not yet followed by any byte from the client.
 #[derive(Debug, Clone, Copy)]
 struct PendingPing {
     queued_at: Instant,
@@ -311,27 +311,31 @@ impl Core {
     /// Publishes a message from a client of this core to every subscriber in the node and the
     /// cluster. `frame` is the encoded delivery.
     ///
-    /// Subscribers on this node get the message even when the cluster link is down; the error
-    /// then tells the publisher that other nodes did not.
+    /// Subscribers on this node get the message even when the cluster link is down. The error
+    /// then reports to the publisher that other nodes did not.
     pub fn publish(&self, topic: &str, frame: Vec<u8>) -> Result<(), LinkDown> {
-        let mut result = Ok(());
         // Read from the settings, not from link.health(), which may lock while the link is down.
         let clustered = self.config().redis_url.is_some();
-        if self.node.cores.len() > 1 || clustered {
-            let publication = Arc::new(Publication {
-                topic: topic.into(),
-                frame: frame.clone().into_boxed_slice(),
-            });
-            for (id, core) in self.node.cores.iter().enumerate() {
-                if id != self.id {
-                    core.send(CoreMessage::Deliver(Arc::clone(&publication)));
-                }
-            }
-            if clustered {
-                result = self.node.link.publish(&publication);
+        if self.node.cores.len() == 1 && !clustered {
+            self.deliver_local(topic, Rc::from(frame));
+            return Ok(());
+        }
+
+        let publication = Arc::new(Publication {
+            topic: topic.into(),
+            frame: frame.into_boxed_slice(),
+        });
+        for (id, core) in self.node.cores.iter().enumerate() {
+            if id != self.id {
+                core.send(CoreMessage::Deliver(Arc::clone(&publication)));
             }
         }
-        self.deliver_local(topic, Rc::from(frame));
+        let result = if clustered {
+            self.node.link.publish(&publication)
+        } else {
+            Ok(())
+        };
+        self.deliver_local(topic, Rc::from(&publication.frame[..]));
         result
     }
 

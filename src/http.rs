@@ -3,7 +3,7 @@
 /// Largest request head the node reads before giving up on a handshake, in bytes.
 pub const MAX_REQUEST_HEAD: usize = 8192;
 
-/// What the bytes received so far ask for.
+/// The request found in the bytes received so far.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {
     /// The head is not complete yet.
@@ -17,7 +17,7 @@ pub enum Request {
     },
     /// `GET /health` without an upgrade.
     Health,
-    /// Anything else, answered with this status and then closed.
+    /// Anything else: the node replies with this status and closes the connection.
     Reject {
         /// HTTP status code.
         status: u16,
@@ -104,7 +104,7 @@ pub fn upgrade_response(accept_key: &str) -> Vec<u8> {
 
 /// Returns a complete response with a body; the connection closes after it.
 pub fn response(status: u16, content_type: &str, body: &str, extra_headers: &str) -> Vec<u8> {
-    // RFC 6455 4.4: a version the server does not speak is answered with the versions it does.
+    // RFC 6455 4.4: a response to an unsupported version lists the versions the server supports.
     let version = if status == 426 {
         "Sec-WebSocket-Version: 13\r\n"
     } else {

@@ -57,7 +57,7 @@ pub enum NodeError {
         core: usize,
         /// glommio's error.
         cause: String,
-        /// What the operator can do about it.
+        /// The operator's fix.
         fix: &'static str,
     },
     /// The listen address could not be bound.

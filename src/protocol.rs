@@ -13,7 +13,7 @@ use tungstenite::protocol::frame::FrameHeader;
 
 use crate::codes::ErrorCode;
 
-/// What a request asks the node to do.
+/// The operation a request names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Add a topic pattern to the connection's subscriptions.
@@ -22,7 +22,7 @@ pub enum Action {
     Unsubscribe,
     /// Deliver `data` to every subscriber of `topic`.
     Publish,
-    /// Answer with a pong reply.
+    /// Reply with a pong.
     Ping,
 }
 

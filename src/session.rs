@@ -14,7 +14,7 @@ use crate::ws::{self, Decode, FrameInfo, FrameKind, WsError};
 /// A partly written buffer above this capacity is released once empty, in bytes.
 const KEEP_CAPACITY: usize = 4096;
 
-/// What the connection does after a batch of bytes.
+/// The connection's next step after a batch of bytes.
 #[derive(Debug)]
 pub enum Step {
     /// Keep reading.
@@ -128,7 +128,7 @@ impl Reader {
                 on_message(kind, &payload, core, conn, log)
             }
             FrameKind::Ping => {
-                // RFC 6455 5.5.3: a pong answers a ping with the same payload.
+                // RFC 6455 5.5.3: the pong for a ping carries the same payload.
                 let pong = ws::encode_control(Control::Pong, payload);
                 core.enqueue(conn, Rc::from(pong));
                 Step::Continue

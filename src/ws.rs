@@ -74,9 +74,9 @@ pub struct FrameInfo {
     pub kind: FrameKind,
     /// Whether this frame ends its message.
     pub fin: bool,
-    /// Where the payload starts in the buffer.
+    /// Offset of the payload in the buffer.
     pub payload_start: usize,
-    /// Where the frame ends in the buffer.
+    /// Offset just past the frame's end in the buffer.
     pub end: usize,
 }
 
