@@ -159,7 +159,7 @@ fn start_core(
         .io_memory(IO_MEMORY)
         .ring_depth(RING_DEPTH)
         .spawn(move || async move {
-            let listener = match TcpListener::bind(listen) {
+            let listener = match bind_listener(listen) {
                 Ok(listener) => listener,
                 Err(error) => {
                     let _ = ready_tx.send(Err(error.to_string()));
@@ -187,6 +187,28 @@ fn start_core(
             Err(runtime_error(id, cause))
         }
     }
+}
+
+/// Backlog of each core's listening socket; the kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Binds one core's listening socket on `addr`, shared with the other cores through
+/// `SO_REUSEPORT` so that the kernel spreads new connections over them.
+///
+/// `SO_REUSEADDR` is set too. Accepted sockets inherit it, so the connections a node closed
+/// itself, which linger in TIME_WAIT for a minute, do not keep a restarted node from binding
+/// the port, neither here nor in `probe_listen_address`.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    // SAFETY: the descriptor is a bound, listening TCP socket that nothing else owns.
+    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
 }
 
 /// Checks that no other process listens on `addr`, and resolves port 0 to a free port.

@@ -188,3 +188,45 @@ fn shutdown_delivers_acknowledged_publishes() {
         Some(0)
     );
 }
+
+/// A node restarted at once on the address of one that just closed its clients must start.
+/// The stopped node closed those connections first, so they linger in TIME_WAIT on its port;
+/// a listening socket without `SO_REUSEADDR` could not bind next to them for a minute.
+#[test]
+fn restart_on_same_port_while_connections_linger() {
+    let mut node = Node::start_with(&[("--drain-timeout", "3s")]);
+    let addr = node.addr;
+    let mut clients = connect_on_every_core(&node, 2);
+    for placed in &mut clients {
+        placed.client.subscribe("restart");
+    }
+    node.signal(libc::SIGTERM);
+    for placed in &mut clients {
+        placed.client.expect_close(common::EVENT_TIMEOUT);
+    }
+    let status = node.wait_exit(Duration::from_secs(3) + EXIT_SLACK);
+    assert_eq!(status.code(), Some(0), "{}", node.diagnostics());
+    drop(clients);
+    assert!(
+        time_wait_on_port(addr.port()),
+        "no connection of the stopped node is in TIME_WAIT on port {}, so this test proves nothing",
+        addr.port()
+    );
+
+    let mut restarted = Node::start_with(&[("--listen", &addr.to_string())]);
+    common::assert_node_serves(&mut restarted);
+}
+
+/// Returns whether /proc/net/tcp lists a socket in TIME_WAIT with local port `port`.
+fn time_wait_on_port(port: u16) -> bool {
+    const TIME_WAIT: &str = "06";
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp is readable");
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = fields
+            .get(1)
+            .and_then(|local| local.rsplit(':').next())
+            .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+        local_port == Some(port) && fields.get(3) == Some(&TIME_WAIT)
+    })
+}
