@@ -42,6 +42,11 @@ PROCESSES=${PROCESSES:-1}
 BIND_IPS=${BIND_IPS:-}
 # A run starts when the 1-minute load average is below QUIET_LOAD, or after
 # QUIET_WAIT seconds of waiting (polled every 20 s), whichever comes first.
+# CPU lists (as `taskset -c` takes them) for the brokers and for the generator,
+# e.g. BROKER_CPUS=0 GENERATOR_CPUS=1 to keep them off each other's core; empty:
+# the kernel places them. nexus-node then runs its cores on BROKER_CPUS only.
+BROKER_CPUS=${BROKER_CPUS:-}
+GENERATOR_CPUS=${GENERATOR_CPUS:-}
 QUIET_LOAD=${QUIET_LOAD:-1.0}
 QUIET_WAIT=${QUIET_WAIT:-600}
 
@@ -158,6 +163,9 @@ sockudo_bin() {
 # $1 broker, $2 number of nodes (2 for the cluster case), $3 log prefix.
 start_broker() {
     local broker=$1 nodes=$2 prefix=$3 i port
+    # Started under taskset, so that a broker sizing itself by its CPUs sees only these.
+    local pin=()
+    [[ -z $BROKER_CPUS ]] || pin=(taskset -c "$BROKER_CPUS")
     broker_pids=()
     broker_urls=()
     for ((i = 0; i < nodes; i++)); do
@@ -168,25 +176,25 @@ start_broker() {
             ((nodes > 1)) && extra+=(--redis "redis://127.0.0.1:$REDIS_PORT")
             [[ $broker == nexus-c* ]] && extra+=(--cores "${broker#nexus-c}")
             spawn "nexus-node :$port" "$prefix.nexus$i.log" \
-                "$nexus" --listen "127.0.0.1:$port" --log-level warn ${extra[@]+"${extra[@]}"}
+                ${pin[@]+"${pin[@]}"} "$nexus" --listen "127.0.0.1:$port" --log-level warn ${extra[@]+"${extra[@]}"}
             ;;
         node)
             port=$((NODE_PORT + i))
             local redis_url=""
             ((nodes > 1)) && redis_url="redis://127.0.0.1:$REDIS_PORT"
             spawn "node reference :$port" "$prefix.node$i.log" \
-                env PORT="$port" REDIS_URL="$redis_url" LOG_LEVEL=warn \
+                ${pin[@]+"${pin[@]}"} env PORT="$port" REDIS_URL="$redis_url" LOG_LEVEL=warn \
                 node "$here/node-reference/server.js"
             ;;
         yardstick)
             port=$YARDSTICK_PORT
             spawn "yardstick :$port" "$prefix.yardstick.log" \
-                "$yardstick" --listen "127.0.0.1:$port"
+                ${pin[@]+"${pin[@]}"} "$yardstick" --listen "127.0.0.1:$port"
             ;;
         sockudo)
             port=$SOCKUDO_PORT
             spawn "sockudo :$port" "$prefix.sockudo.log" \
-                "$(sockudo_bin)" --config "$SOCKUDO_CONFIG"
+                ${pin[@]+"${pin[@]}"} "$(sockudo_bin)" --config "$SOCKUDO_CONFIG"
             ;;
         esac
         broker_pids+=("$spawned")
@@ -287,8 +295,10 @@ run_one() {
 
     log "round $round: $name on $broker"
     # The generator stops by itself; timeout only guards against a hang.
+    local pin=()
+    [[ -z $GENERATOR_CPUS ]] || pin=(taskset -c "$GENERATOR_CPUS")
     line=$(timeout --kill-after=10 $((DURATION * 4 + STORM_DURATION + 120)) \
-        "$loadtest" "${args[@]}" 2>"$prefix.loadtest.log") || status=$?
+        ${pin[@]+"${pin[@]}"} "$loadtest" "${args[@]}" 2>"$prefix.loadtest.log") || status=$?
     stop_broker
 
     if [[ $status -ne 0 || -z $line ]]; then
@@ -496,8 +506,9 @@ main() {
         printf 'Commit %s on %s cores (%s). %s rounds; %s s per publishing run; ' \
             "$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$(nproc)" \
             "$(uname -r)" "$ROUNDS" "$DURATION"
-        printf 'generator threads %s, processes %s. Each cell is the median over the rounds that succeeded.\n\n' \
-            "$THREADS" "$PROCESSES"
+        printf 'generator threads %s, processes %s; ' "$THREADS" "$PROCESSES"
+        printf 'brokers on CPUs %s, generator on CPUs %s. ' "${BROKER_CPUS:-any}" "${GENERATOR_CPUS:-any}"
+        printf 'Each cell is the median over the rounds that succeeded.\n\n'
         printf 'Binaries: `%s`, `%s`, `%s`.\n\n' "$nexus" "$yardstick" "$loadtest"
         write_table "$OUT/results.jsonl"
     } >"$OUT/results.md"

@@ -3,11 +3,12 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 
-/// Most frames handed to one `sendmsg` call.
-const MAX_IOVECS: usize = 64;
+/// Most frames handed to one `sendmsg` call: the kernel's limit, `UIO_MAXIOV`.
+const MAX_IOVECS: usize = 1024;
 
 /// Frames queued for one connection. Frames are shared with every other subscriber of the same
 /// message on this core, so queuing one costs a reference count, not a copy.
@@ -106,21 +107,23 @@ impl Outbound {
     /// Writes queued frames to the socket `fd` until the queue is empty (`Ok(true)`) or the
     /// socket would block (`Ok(false)`).
     pub fn write_to(&mut self, fd: RawFd) -> io::Result<bool> {
+        // Left uninitialized: zeroing 16 KiB before every call would cost more than the
+        // few entries a typical flush fills.
+        let mut iovecs = [const { MaybeUninit::<libc::iovec>::uninit() }; MAX_IOVECS];
         while !self.frames.is_empty() {
-            let mut iovecs = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MAX_IOVECS];
             let mut count = 0;
-            for (i, frame) in self.frames.iter().take(MAX_IOVECS).enumerate() {
-                let skip = if i == 0 { self.head_written } else { 0 };
-                iovecs[i] = libc::iovec {
+            for (slot, frame) in iovecs.iter_mut().zip(&self.frames) {
+                let skip = if count == 0 { self.head_written } else { 0 };
+                slot.write(libc::iovec {
                     iov_base: frame[skip..].as_ptr() as *mut libc::c_void,
                     iov_len: frame.len() - skip,
-                };
+                });
                 count += 1;
             }
-            match send_vectored(fd, &iovecs[..count]) {
+            // SAFETY: the loop above initialized the first `count` entries.
+            let filled =
+                unsafe { std::slice::from_raw_parts(iovecs.as_ptr().cast::<libc::iovec>(), count) };
+            match send_vectored(fd, filled) {
                 Ok(written) => self.consume(written),
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}

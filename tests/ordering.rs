@@ -54,3 +54,53 @@ fn spawn_reader(placed: PlacedClient) -> thread::JoinHandle<(String, Result<(), 
         (conn.core, Ok(()))
     })
 }
+
+/// Requests that reach the node in one read are handled in order, even though the node holds
+/// the messages of a read until it writes: a subscription does not receive what was published
+/// before it, an unsubscription still receives what was published before it, and replies
+/// come after the messages published before the request they answer.
+#[test]
+fn requests_in_one_read_keep_their_order() {
+    let node = Node::start();
+    let mut client = Client::connect(node.addr);
+    for request in [
+        r#"{"action":"PUBLISH","topic":"order.t","data":"before subscribe"}"#,
+        r#"{"action":"SUBSCRIBE","topic":"order.t","id":1}"#,
+        r#"{"action":"PUBLISH","topic":"order.t","data":"first"}"#,
+        r#"{"action":"PUBLISH","topic":"order.t","data":"second","id":2}"#,
+        r#"{"action":"PUBLISH","topic":"order.t","data":"third"}"#,
+        r#"{"action":"UNSUBSCRIBE","topic":"order.t","id":3}"#,
+        r#"{"action":"PUBLISH","topic":"order.t","data":"after unsubscribe"}"#,
+        r#"{"action":"PING","id":4}"#,
+    ] {
+        client.write_text(request);
+    }
+    client.flush();
+
+    let mut seen = Vec::new();
+    loop {
+        let frame = client.recv();
+        let entry = match frame["type"].as_str() {
+            Some("message") => format!("message {}", frame["data"].as_str().unwrap_or("?")),
+            Some(kind) => format!("{kind} {}", frame["id"]),
+            None => panic!("frame without a type: {frame}"),
+        };
+        let last = frame["type"] == "pong";
+        seen.push(entry);
+        if last {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "subscribed 1",
+            "message first",
+            "message second",
+            "published 2",
+            "message third",
+            "unsubscribed 3",
+            "pong 4",
+        ]
+    );
+}
