@@ -280,6 +280,12 @@ impl Session {
             Ending::ClientClose(code) => (code.unwrap_or(close::NORMAL), "client closed", true),
         };
 
+        // No frame may follow the close frame: marking the connection closing stops deliveries
+        // and pings from being queued behind it.
+        self.conn.request_close(CloseRequest {
+            code: Some(code),
+            reason,
+        });
         if code == close::SLOW_CONSUMER {
             self.conn.out.borrow_mut().discard_unsent();
         }

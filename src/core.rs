@@ -28,6 +28,10 @@ use crate::topic::{Insertion, Removal, SubscriptionIndex};
 /// Size of each core's read buffer, shared by all its connections, in bytes.
 const READ_SCRATCH: usize = 64 * 1024;
 
+/// Most messages a core holds before it queues them on their subscribers without waiting for
+/// the flush round.
+const MAX_HELD: usize = 4096;
+
 /// Most inbox messages handled before the core lets other tasks run.
 const INBOX_BATCH: usize = 256;
 
@@ -210,6 +214,8 @@ impl Core {
         // Shutdown: stop accepting, ask every client to go elsewhere, wait for them to close.
         accept.cancel().await;
         self.stopping.set(true);
+        // Held messages go out ahead of the close frames; a closing connection takes no more.
+        self.deliver_undelivered();
         let request = CloseRequest {
             code: Some(close::GOING_AWAY),
             reason: "node shutting down",
@@ -374,8 +380,15 @@ impl Core {
             topic: topic.into(),
             frame,
         });
-        if undelivered.len() == 1 {
-            self.wake_flusher();
+        match undelivered.len() {
+            1 => self.wake_flusher(),
+            // The outbound queue limits apply only once messages are queued, so a core that
+            // keeps reading without a flush round queues them early.
+            MAX_HELD.. => {
+                drop(undelivered);
+                self.deliver_undelivered();
+            }
+            _ => {}
         }
     }
 

@@ -8,7 +8,8 @@
 
 mod common;
 
-use common::raw::{opcode, OutFrame, RawClient};
+use common::client::Client;
+use common::raw::{opcode, OutFrame, RawClient, ReadOutcome};
 use common::{assert_node_serves, Bystander, Node};
 use std::time::Duration;
 
@@ -346,4 +347,61 @@ fn close_codes_are_logged() {
     let reason = line["reason"].as_str().unwrap_or_default();
     assert!(!reason.is_empty(), "no reason in {line}");
     assert_eq!(common::field_text(&line["core"]), conn.core, "{line}");
+}
+
+/// No frame follows the node's close frame. The client closes while its close reply still waits
+/// behind a backlog of messages, and further messages for it arrive meanwhile: they must not be
+/// written after the close frame (RFC 6455 5.5.1).
+#[test]
+fn no_frame_follows_the_close_frame() {
+    let node = Node::builder()
+        .arg("--cores", "1")
+        .arg("--max-outbound-queue", "67108864")
+        .start();
+    let mut subscriber = RawClient::connect(node.addr);
+    subscriber
+        .send(&OutFrame::text(
+            r#"{"action":"SUBSCRIBE","topic":"closing","id":1}"#,
+        ))
+        .expect("subscribe sent");
+    match subscriber.read_frame(common::EVENT_TIMEOUT) {
+        ReadOutcome::Frame(frame) if frame.opcode == opcode::TEXT => {}
+        other => panic!("no subscribe reply: {other:?}"),
+    }
+
+    // 12 MB that the subscriber does not read yet: more than the kernel buffers of both sockets
+    // hold, so the rest, and the close reply behind it, wait in the node's queue.
+    let mut publisher = Client::connect(node.addr);
+    let request = format!(
+        r#"{{"action":"PUBLISH","topic":"closing","data":"{}"}}"#,
+        "x".repeat(8 * 1024)
+    );
+    let publish = |publisher: &mut Client, count: usize| {
+        for _ in 0..count {
+            publisher.write_text(&request);
+        }
+        publisher.flush();
+        publisher.ping();
+    };
+    publish(&mut publisher, 1500);
+    subscriber
+        .send(&OutFrame::close(1000, b""))
+        .expect("close sent");
+    // Time for the node to read the close frame, which it does while its writes are blocked.
+    std::thread::sleep(Duration::from_millis(200));
+    publish(&mut publisher, 50);
+
+    let mut after_close = 0;
+    let mut closed = false;
+    loop {
+        match subscriber.read_frame(common::EVENT_TIMEOUT) {
+            ReadOutcome::Frame(frame) if frame.opcode == opcode::CLOSE => closed = true,
+            ReadOutcome::Frame(_) if closed => after_close += 1,
+            ReadOutcome::Frame(_) => {}
+            ReadOutcome::Eof | ReadOutcome::Failed(_) => break,
+            ReadOutcome::TimedOut => panic!("the node kept the connection open"),
+        }
+    }
+    assert!(closed, "the node sent no close frame");
+    assert_eq!(after_close, 0, "frames written after the close frame");
 }
