@@ -34,8 +34,15 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted TCP connection until it closes.
 pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
-    let remote = stream.peer_addr().ok();
-    let _ = stream.set_nodelay(true);
+    // The peer address appears only in debug and trace lines; asking the kernel for it costs a
+    // system call per connection, which a node logging at info or above skips. TCP_NODELAY
+    // needs no call: accepted sockets inherit it from the listener (see `node::bind_listener`).
+    let logs_connections = slog::Level::Debug.as_usize() <= core.config().log_level.as_usize();
+    let remote = if logs_connections {
+        stream.peer_addr().ok()
+    } else {
+        None
+    };
     // Log lines name the connection with fields rather than a child logger, because a child
     // logger per connection would cost every idle connection a few hundred bytes.
     let log = &core.log;
