@@ -7,7 +7,8 @@
 //! first: it matches the topic in the subscription index, queues the frame on each connection
 //! and adds each connection to the flush list. Between iterations the benchmark takes the flush
 //! list with `Core::take_dirty`, as the flush loop does, and empties every queue as a complete
-//! write would. Divide the time per publish by 1,000 for the time per delivery.
+//! write would. Divide the time per publish by 1,000 for the time per delivery. The second group
+//! publishes a run of 100 messages on the topic before the flush round queues them.
 //!
 //! Run with `cargo bench --bench fanout`.
 
@@ -27,6 +28,9 @@ use nexus_node::protocol::encode_delivery;
 const SUBSCRIBERS: usize = 1_000;
 
 const TOPIC: &str = "market_updates";
+
+/// Messages in the run of the second benchmark group.
+const RUN: usize = 100;
 
 /// `data` of the PUBLISH example in docs/protocol.md.
 const DATA: &[u8] = br#"{"symbol":"BTC/USD","price":64000}"#;
@@ -144,6 +148,31 @@ fn bench_fanout(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+
+    // A run of messages on one topic read in one round, as a busy publisher produces: the core
+    // matches the topic once and touches each connection once for the whole run.
+    let mut group = c.benchmark_group("fanout_1000_run_of_100");
+    group.throughput(Throughput::Elements((SUBSCRIBERS * RUN) as u64));
+    let bench = build(&[TOPIC]);
+    let mut batch = Vec::with_capacity(SUBSCRIBERS);
+    group.bench_function("exact", |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            for _ in 0..iters {
+                let frames: Vec<Vec<u8>> = (0..RUN).map(|_| frame.clone()).collect();
+                let start = Instant::now();
+                for frame in frames {
+                    let result = bench.core.publish(black_box(TOPIC), frame);
+                    assert!(result.is_ok());
+                }
+                bench.core.deliver_undelivered();
+                elapsed += start.elapsed();
+                assert_eq!(drain(&bench.core, &mut batch), SUBSCRIBERS);
+            }
+            elapsed
+        })
+    });
     group.finish();
 }
 
