@@ -163,7 +163,7 @@ sockudo_bin() {
 # $1 broker, $2 number of nodes (2 for the cluster case), $3 log prefix.
 start_broker() {
     local broker=$1 nodes=$2 prefix=$3 i port
-    # Started under taskset, so that a broker sizing itself by its CPUs sees only these.
+    # Started under taskset, so that a broker that sizes itself by its CPUs counts only these.
     local pin=()
     [[ -z $BROKER_CPUS ]] || pin=(taskset -c "$BROKER_CPUS")
     broker_pids=()

@@ -34,9 +34,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one accepted TCP connection until it closes.
 pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
-    // The peer address appears only in debug and trace lines; asking the kernel for it costs a
-    // system call per connection, which a node logging at info or above skips. TCP_NODELAY
-    // needs no call: accepted sockets inherit it from the listener (see `node::bind_listener`).
+    // The peer address appears only in debug and trace lines. Asking the kernel for it costs a
+    // system call, so a node logging at info or above skips it. TCP_NODELAY needs no call at
+    // all, because accepted sockets inherit it from the listener (`node::bind_listener`).
     let logs_connections = slog::Level::Debug.as_usize() <= core.config().log_level.as_usize();
     let remote = if logs_connections {
         stream.peer_addr().ok()

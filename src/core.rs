@@ -28,8 +28,8 @@ use crate::topic::{Insertion, Removal, SubscriptionIndex};
 /// Size of each core's read buffer, shared by all its connections, in bytes.
 const READ_SCRATCH: usize = 64 * 1024;
 
-/// Most messages a core holds before it queues them on their subscribers without waiting for
-/// the flush round.
+/// Number of held messages at which a core queues them on their subscribers without waiting
+/// for the flush round.
 const MAX_HELD: usize = 4096;
 
 /// Most inbox messages handled before the core lets other tasks run.
