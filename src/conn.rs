@@ -287,8 +287,10 @@ impl Session {
             Ending::ClientClose(code) => (code.unwrap_or(close::NORMAL), "client closed", true),
         };
 
-        // No frame may follow the close frame: marking the connection closing stops deliveries
-        // and pings from being queued behind it.
+        // Messages published before the close still go out ahead of the close frame, among
+        // them the connection's own. No frame may follow the close frame: marking the
+        // connection closing stops deliveries and pings from being queued behind it.
+        self.core.deliver_undelivered();
         self.conn.request_close(CloseRequest {
             code: Some(code),
             reason,

@@ -32,6 +32,9 @@ const READ_SCRATCH: usize = 64 * 1024;
 /// for the flush round.
 const MAX_HELD: usize = 4096;
 
+/// Frame bytes at which a core queues its held messages without waiting for the flush round.
+const MAX_HELD_BYTES: usize = 4 << 20;
+
 /// Most inbox messages handled before the core lets other tasks run.
 const INBOX_BATCH: usize = 256;
 
@@ -158,6 +161,8 @@ pub struct Core {
     delivery_seq: Cell<u64>,
     /// Messages published since the last flush round, not yet queued on any connection.
     undelivered: RefCell<Vec<Undelivered>>,
+    /// Frame bytes in `undelivered`.
+    held_bytes: Cell<usize>,
     dirty: RefCell<Vec<Rc<Conn>>>,
     flusher: RefCell<Option<Waker>>,
     /// The read buffer all connections of this core read into.
@@ -182,6 +187,7 @@ impl Core {
             index: RefCell::new(SubscriptionIndex::new()),
             delivery_seq: Cell::new(0),
             undelivered: RefCell::new(Vec::new()),
+            held_bytes: Cell::new(0),
             dirty: RefCell::new(Vec::new()),
             flusher: RefCell::new(None),
             scratch: RefCell::new(vec![0; READ_SCRATCH].into_boxed_slice()),
@@ -204,7 +210,13 @@ impl Core {
     }
 
     /// Runs the core until shutdown has drained its connections.
-    pub async fn run(self: Rc<Self>, listener: TcpListener, inbox: CoreReceiver) {
+    /// `listener_fd` is the listener's descriptor, shut down when the core stops accepting.
+    pub async fn run(
+        self: Rc<Self>,
+        listener: TcpListener,
+        listener_fd: RawFd,
+        inbox: CoreReceiver,
+    ) {
         let accept = glommio::spawn_local(Rc::clone(&self).accept_loop(listener));
         glommio::spawn_local(Rc::clone(&self).flush_loop()).detach();
         glommio::spawn_local(Rc::clone(&self).heartbeat_loop()).detach();
@@ -212,8 +224,13 @@ impl Core {
         self.inbox_loop(inbox).await;
 
         // Shutdown: stop accepting, ask every client to go elsewhere, wait for them to close.
-        accept.cancel().await;
         self.stopping.set(true);
+        // Shutting the listener down takes it out of LISTEN at once, so the port is free for a
+        // restarted node even while the kernel still holds the socket for io_uring. The accept
+        // task still owns the descriptor, so it cannot have been reused.
+        // SAFETY: shutdown() on a descriptor the accept task keeps open.
+        unsafe { libc::shutdown(listener_fd, libc::SHUT_RDWR) };
+        accept.cancel().await;
         // Held messages go out ahead of the close frames; a closing connection takes no more.
         self.deliver_undelivered();
         let request = CloseRequest {
@@ -238,6 +255,8 @@ impl Core {
                 Ok(stream) => {
                     glommio::spawn_local(crate::conn::serve(Rc::clone(&self), stream)).detach();
                 }
+                // The listener was shut down for the node's shutdown.
+                Err(_) if self.stopping.get() => return,
                 Err(error) => {
                     // Typically EMFILE: out of file descriptors. Back off instead of spinning.
                     if let Some(suppressed) = errors.record(Duration::from_secs(10)) {
@@ -341,7 +360,7 @@ impl Core {
         // Read from the settings, not from link.health(), which may lock while the link is down.
         let clustered = self.config().redis_url.is_some();
         if self.node.cores.len() == 1 && !clustered {
-            self.deliver_local(topic, Rc::from(frame));
+            self.deliver_local(topic, &frame);
             return Ok(());
         }
 
@@ -359,14 +378,12 @@ impl Core {
         } else {
             Ok(())
         };
-        self.deliver_local(topic, Rc::from(&publication.frame[..]));
+        self.deliver_local(topic, &publication.frame);
         result
     }
 
     fn deliver_remote(&self, publication: &Publication) {
-        if self.index.borrow().has_match(&publication.topic) {
-            self.deliver_local(&publication.topic, Rc::from(&publication.frame[..]));
-        }
+        self.deliver_local(&publication.topic, &publication.frame);
     }
 
     /// Holds `frame` for each local connection subscribed to `topic` until the next flush round.
@@ -374,21 +391,27 @@ impl Core {
     /// Queuing waits so that the messages a core reads in one round, which in a fan-out mostly
     /// share a topic, are matched once per run of equal topics and queued connection by
     /// connection: each connection's state is then touched once per run, not once per message.
-    fn deliver_local(&self, topic: &str, frame: Rc<[u8]>) {
+    fn deliver_local(&self, topic: &str, frame: &[u8]) {
+        // A message that matches nothing now can match nothing at the flush round either: a new
+        // subscription first queues the held messages, without itself.
+        if !self.index.borrow().has_match(topic) {
+            return;
+        }
         let mut undelivered = self.undelivered.borrow_mut();
         undelivered.push(Undelivered {
             topic: topic.into(),
-            frame,
+            frame: Rc::from(frame),
         });
-        match undelivered.len() {
-            1 => self.wake_flusher(),
-            // The outbound queue limits apply only once messages are queued, so a core that
-            // keeps reading without a flush round queues them early.
-            MAX_HELD.. => {
-                drop(undelivered);
-                self.deliver_undelivered();
-            }
-            _ => {}
+        let bytes = self.held_bytes.get() + frame.len();
+        self.held_bytes.set(bytes);
+        if undelivered.len() == 1 {
+            self.wake_flusher();
+        }
+        // The outbound queue limits apply only once messages are queued, so a core that keeps
+        // reading without a flush round queues them early.
+        if undelivered.len() >= MAX_HELD || bytes >= MAX_HELD_BYTES {
+            drop(undelivered);
+            self.deliver_undelivered();
         }
     }
 
@@ -402,6 +425,7 @@ impl Core {
         if held.is_empty() {
             return;
         }
+        self.held_bytes.set(0);
         let conns = self.conns.borrow();
         let index = self.index.borrow();
         for run in held.chunk_by(|a, b| a.topic == b.topic) {

@@ -2,6 +2,7 @@
 //! handler, and the wait for every core to drain.
 
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -111,6 +112,8 @@ pub fn run_with_link(
         .map(|ids| ids.into_iter().map(|id| id.id).collect())
         .unwrap_or_default();
     let mut listen = probe_listen_address(node.config.listen)?;
+    // Held until the process exits, which releases it at once, even on SIGKILL.
+    let _address_lock = lock_listen_address(listen)?;
     let mut handles = Vec::with_capacity(receivers.len());
     for (id, receiver) in receivers.into_iter().enumerate() {
         let cpu = cpus.get(id % cpus.len().max(1)).copied();
@@ -159,8 +162,8 @@ fn start_core(
         .io_memory(IO_MEMORY)
         .ring_depth(RING_DEPTH)
         .spawn(move || async move {
-            let listener = match bind_listener(listen) {
-                Ok(listener) => listener,
+            let (listener, listener_fd) = match bind_listener(listen) {
+                Ok(bound) => bound,
                 Err(error) => {
                     let _ = ready_tx.send(Err(error.to_string()));
                     return;
@@ -168,7 +171,9 @@ fn start_core(
             };
             let bound = listener.local_addr().unwrap_or(listen);
             let _ = ready_tx.send(Ok(bound));
-            Core::new(id, node, &log).run(listener, receiver).await;
+            Core::new(id, node, &log)
+                .run(listener, listener_fd, receiver)
+                .await;
         })
         .map_err(|error| runtime_error(id, error.to_string()))?;
 
@@ -198,7 +203,7 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// `SO_REUSEADDR` is set too. Accepted sockets inherit it, so the connections a node closed
 /// itself, which linger in TIME_WAIT for a minute, do not keep a restarted node from binding
 /// the port, neither here nor in `probe_listen_address`.
-fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn bind_listener(addr: SocketAddr) -> std::io::Result<(TcpListener, RawFd)> {
     use socket2::{Domain, Protocol, Socket, Type};
     use std::os::fd::{FromRawFd, IntoRawFd};
 
@@ -209,8 +214,9 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
+    let fd = socket.into_raw_fd();
     // SAFETY: the descriptor is a bound, listening TCP socket that nothing else owns.
-    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+    Ok((unsafe { TcpListener::from_raw_fd(fd) }, fd))
 }
 
 /// Checks that no other process listens on `addr`, and resolves port 0 to a free port.
@@ -218,14 +224,58 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// The cores bind with `SO_REUSEPORT`, which would let a second node of the same user share the
 /// port and silently take part of its connections. A plain bind without that option fails while
 /// any other socket listens there.
+///
+/// A node that has just exited can leave its listening sockets in place for a few milliseconds
+/// while the kernel tears down its io_uring instances. A taken port is therefore tried again for
+/// up to `PROBE_RETRY` before the node gives up.
 fn probe_listen_address(addr: SocketAddr) -> Result<SocketAddr, NodeError> {
-    let probe = std::net::TcpListener::bind(addr).map_err(|error| NodeError::Bind {
-        addr,
-        cause: format!("{error} (is another node running on this port?)"),
-    })?;
+    let deadline = Instant::now() + PROBE_RETRY;
+    let probe = loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(probe) => break probe,
+            Err(error)
+                if error.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(error) => {
+                return Err(NodeError::Bind {
+                    addr,
+                    cause: format!("{error} (is another node running on this port?)"),
+                })
+            }
+        }
+    };
     probe.local_addr().map_err(|error| NodeError::Bind {
         addr,
         cause: error.to_string(),
+    })
+}
+
+/// How long a taken listen address is tried again at start.
+const PROBE_RETRY: Duration = Duration::from_millis(300);
+
+/// Takes a lock named after `addr` that only one process on this host (network namespace) can
+/// hold: a Unix socket bound to an abstract name, which the kernel releases when the process
+/// exits.
+///
+/// `probe_listen_address` cannot see a node that probed the same port a moment earlier and has
+/// not bound it yet. Without this lock, two nodes started together would both pass the probe and
+/// share the port through `SO_REUSEPORT`.
+fn lock_listen_address(addr: SocketAddr) -> Result<std::os::unix::net::UnixListener, NodeError> {
+    use std::os::linux::net::SocketAddrExt;
+
+    let name = format!("nexus-node/{addr}");
+    let lock = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .and_then(|lock| std::os::unix::net::UnixListener::bind_addr(&lock));
+    lock.map_err(|error| NodeError::Bind {
+        addr,
+        cause: match error.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "another node is starting or running on this address".to_owned()
+            }
+            _ => format!("cannot take the address lock `@{name}`: {error}"),
+        },
     })
 }
 

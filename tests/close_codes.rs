@@ -405,3 +405,43 @@ fn no_frame_follows_the_close_frame() {
     assert!(closed, "the node sent no close frame");
     assert_eq!(after_close, 0, "frames written after the close frame");
 }
+
+/// A client that publishes to its own topic and closes in the same write receives its messages
+/// before the close reply: the close does not drop what was published before it.
+#[test]
+fn own_messages_precede_close_reply() {
+    let node = Node::builder().arg("--cores", "1").start();
+    let mut client = RawClient::connect(node.addr);
+    client
+        .send(&OutFrame::text(
+            r#"{"action":"SUBSCRIBE","topic":"mine","id":1}"#,
+        ))
+        .expect("subscribe sent");
+    match client.read_frame(common::EVENT_TIMEOUT) {
+        ReadOutcome::Frame(frame) if frame.opcode == opcode::TEXT => {}
+        other => panic!("no subscribe reply: {other:?}"),
+    }
+
+    let mut burst = Vec::new();
+    for n in 0..5 {
+        let publish = format!(r#"{{"action":"PUBLISH","topic":"mine","data":{n}}}"#);
+        burst.extend(OutFrame::text(publish).encode());
+    }
+    burst.extend(OutFrame::close(1000, b"").encode());
+    client
+        .send_bytes(&burst, "5 PUBLISH frames and a close frame")
+        .expect("burst sent");
+
+    let mut messages = 0;
+    loop {
+        match client.read_frame(common::EVENT_TIMEOUT) {
+            ReadOutcome::Frame(frame) if frame.opcode == opcode::TEXT => messages += 1,
+            ReadOutcome::Frame(frame) if frame.opcode == opcode::CLOSE => {
+                assert_eq!(frame.close_code(), Some(1000), "{}", client.transcript());
+                break;
+            }
+            other => panic!("expected messages and a close reply, got {other:?}"),
+        }
+    }
+    assert_eq!(messages, 5, "{}", client.transcript());
+}

@@ -74,3 +74,39 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Two nodes started at the same moment on one free port: exactly one may run. Each passes the
+/// check that no socket listens on the port before the other has bound it, so only a lock taken
+/// between that check and the bind keeps them from sharing the port through `SO_REUSEPORT`.
+#[test]
+fn simultaneous_nodes_on_one_port_one_runs() {
+    for attempt in 0..5 {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|probe| probe.local_addr())
+            .unwrap()
+            .to_string();
+        let start = || {
+            Command::new(env!("CARGO_BIN_EXE_nexus-node"))
+                .args(["--listen", &addr, "--cores", "1", "--log-level", "warn"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let mut first = KillOnDrop(start());
+        let mut second = KillOnDrop(start());
+
+        // The loser exits at once; give it time, then count the nodes still running.
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let mut running = 0;
+        for node in [&mut first, &mut second] {
+            if node.0.try_wait().unwrap().is_none() {
+                running += 1;
+            }
+        }
+        assert_eq!(
+            running, 1,
+            "attempt {attempt}: {running} nodes run on {addr}"
+        );
+    }
+}
