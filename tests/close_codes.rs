@@ -358,16 +358,7 @@ fn no_frame_follows_the_close_frame() {
         .arg("--cores", "1")
         .arg("--max-outbound-queue", "67108864")
         .start();
-    let mut subscriber = RawClient::connect(node.addr);
-    subscriber
-        .send(&OutFrame::text(
-            r#"{"action":"SUBSCRIBE","topic":"closing","id":1}"#,
-        ))
-        .expect("subscribe sent");
-    match subscriber.read_frame(common::EVENT_TIMEOUT) {
-        ReadOutcome::Frame(frame) if frame.opcode == opcode::TEXT => {}
-        other => panic!("no subscribe reply: {other:?}"),
-    }
+    let mut subscriber = subscribed_raw_client(&node, "closing");
 
     // 12 MB that the subscriber does not read yet: more than the kernel buffers of both sockets
     // hold, so the rest, and the close reply behind it, wait in the node's queue.
@@ -411,16 +402,7 @@ fn no_frame_follows_the_close_frame() {
 #[test]
 fn own_messages_precede_close_reply() {
     let node = Node::builder().arg("--cores", "1").start();
-    let mut client = RawClient::connect(node.addr);
-    client
-        .send(&OutFrame::text(
-            r#"{"action":"SUBSCRIBE","topic":"mine","id":1}"#,
-        ))
-        .expect("subscribe sent");
-    match client.read_frame(common::EVENT_TIMEOUT) {
-        ReadOutcome::Frame(frame) if frame.opcode == opcode::TEXT => {}
-        other => panic!("no subscribe reply: {other:?}"),
-    }
+    let mut client = subscribed_raw_client(&node, "mine");
 
     let mut burst = Vec::new();
     for n in 0..5 {
@@ -444,4 +426,18 @@ fn own_messages_precede_close_reply() {
         }
     }
     assert_eq!(messages, 5, "{}", client.transcript());
+}
+
+/// Opens a raw connection subscribed to `topic`, its reply read.
+fn subscribed_raw_client(node: &Node, topic: &str) -> RawClient {
+    let mut client = RawClient::connect(node.addr);
+    let request = format!(r#"{{"action":"SUBSCRIBE","topic":"{topic}","id":1}}"#);
+    client
+        .send(&OutFrame::text(request))
+        .expect("subscribe sent");
+    match client.read_frame(common::EVENT_TIMEOUT) {
+        ReadOutcome::Frame(frame) if frame.opcode == opcode::TEXT => {}
+        other => panic!("no reply to SUBSCRIBE {topic}: {other:?}"),
+    }
+    client
 }
