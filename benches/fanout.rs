@@ -3,7 +3,7 @@
 //!
 //! The core runs without its executor, so no socket is written: each connection gets a fake file
 //! descriptor. Timed are `Core::publish`, which copies the frame once into a shared buffer and
-//! holds it for the flush round, and `Core::deliver_undelivered`, which the flush round calls
+//! keeps it for the flush round, and `Core::deliver_undelivered`, which the flush round calls
 //! first: it matches the topic in the subscription index, queues the frame on each connection
 //! and adds each connection to the flush list. Between iterations the benchmark takes the flush
 //! list with `Core::take_dirty`, as the flush loop does, and empties every queue as a complete

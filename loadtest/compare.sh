@@ -42,9 +42,9 @@ PROCESSES=${PROCESSES:-1}
 BIND_IPS=${BIND_IPS:-}
 # A run starts when the 1-minute load average is below QUIET_LOAD, or after
 # QUIET_WAIT seconds of waiting (polled every 20 s), whichever comes first.
-# CPU lists (as `taskset -c` takes them) for the brokers and for the generator,
-# e.g. BROKER_CPUS=0 GENERATOR_CPUS=1 to keep them off each other's core; empty:
-# the kernel places them. nexus-node then runs its cores on BROKER_CPUS only.
+# CPU lists (in `taskset -c` form) for the brokers and for the generator, for
+# example BROKER_CPUS=0 GENERATOR_CPUS=1 to keep them off each other's core.
+# Empty lets the kernel place them. nexus-node runs its cores on BROKER_CPUS only.
 BROKER_CPUS=${BROKER_CPUS:-}
 GENERATOR_CPUS=${GENERATOR_CPUS:-}
 QUIET_LOAD=${QUIET_LOAD:-1.0}

@@ -226,12 +226,13 @@ impl Core {
         // Shutdown: stop accepting, ask every client to go elsewhere, wait for them to close.
         self.stopping.set(true);
         // Shutting the listener down takes it out of LISTEN at once, so the port is free for a
-        // restarted node even while the kernel still holds the socket for io_uring. The accept
+        // restarted node even while the kernel still keeps the socket open for io_uring. The accept
         // task still owns the descriptor, so it cannot have been reused.
         // SAFETY: shutdown() on a descriptor the accept task keeps open.
         unsafe { libc::shutdown(listener_fd, libc::SHUT_RDWR) };
         accept.cancel().await;
-        // Held messages go out ahead of the close frames; a closing connection takes no more.
+        // Held messages go out ahead of the close frames, because a closing connection takes no
+        // more frames.
         self.deliver_undelivered();
         let request = CloseRequest {
             code: Some(close::GOING_AWAY),
@@ -392,8 +393,8 @@ impl Core {
     /// share a topic, are matched once per run of equal topics and queued connection by
     /// connection: each connection's state is then touched once per run, not once per message.
     fn deliver_local(&self, topic: &str, frame: &[u8]) {
-        // A message that matches nothing now can match nothing at the flush round either: a new
-        // subscription first queues the held messages, without itself.
+        // A message that matches nothing now cannot match at the flush round either, because a
+        // new subscription first queues the held messages and only then joins the index.
         if !self.index.borrow().has_match(topic) {
             return;
         }
@@ -421,14 +422,15 @@ impl Core {
     /// Everything that could reorder a connection's frames calls this first: a change to the
     /// subscription index, a reply or control frame, and the flush itself.
     pub fn deliver_undelivered(&self) {
-        let mut held = std::mem::take(&mut *self.undelivered.borrow_mut());
-        if held.is_empty() {
+        // Every reply calls this, so the common empty case must not give up the list's buffer.
+        if self.undelivered.borrow().is_empty() {
             return;
         }
+        let mut messages = std::mem::take(&mut *self.undelivered.borrow_mut());
         self.held_bytes.set(0);
         let conns = self.conns.borrow();
         let index = self.index.borrow();
-        for run in held.chunk_by(|a, b| a.topic == b.topic) {
+        for run in messages.chunk_by(|a, b| a.topic == b.topic) {
             let seq = self.delivery_seq.get() + 1;
             self.delivery_seq.set(seq);
             index.for_each_match(&run[0].topic, |key| {
@@ -442,11 +444,11 @@ impl Core {
             });
         }
         drop((conns, index));
-        held.clear();
-        // Keep the allocation for the next round unless a publish arrived meanwhile.
+        messages.clear();
+        // Give the buffer back for the next round.
         let mut undelivered = self.undelivered.borrow_mut();
         if undelivered.is_empty() {
-            *undelivered = held;
+            *undelivered = messages;
         }
     }
 

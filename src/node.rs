@@ -194,7 +194,7 @@ fn start_core(
     }
 }
 
-/// Backlog of each core's listening socket; the kernel caps it at `net.core.somaxconn`.
+/// Backlog of each core's listening socket. The kernel caps it at `net.core.somaxconn`.
 const LISTEN_BACKLOG: i32 = 4096;
 
 /// Binds one core's listening socket on `addr`, shared with the other cores through

@@ -7,7 +7,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 
-/// Most frames handed to one `sendmsg` call: the kernel's limit, `UIO_MAXIOV`.
+/// Maximum frames per `sendmsg` call, the kernel's limit `UIO_MAXIOV`.
 const MAX_IOVECS: usize = 1024;
 
 /// Frames queued for one connection. Frames are shared with every other subscriber of the same
@@ -134,7 +134,7 @@ impl Outbound {
     }
 }
 
-/// Calls `sendmsg` without blocking and without raising SIGPIPE; a single buffer goes through
+/// Calls `sendmsg` without blocking and without raising SIGPIPE. A single buffer goes through
 /// `send`, which spares the kernel copying in the message header and the iovec array.
 fn send_vectored(fd: RawFd, iovecs: &[libc::iovec]) -> io::Result<usize> {
     let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;

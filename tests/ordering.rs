@@ -55,7 +55,7 @@ fn spawn_reader(placed: PlacedClient) -> thread::JoinHandle<(String, Result<(), 
     })
 }
 
-/// Requests that reach the node in one read are handled in order, even though the node holds
+/// Requests that reach the node in one read are handled in order, even though the node keeps
 /// the messages of a read until it writes: a subscription does not receive what was published
 /// before it, an unsubscription still receives what was published before it, and replies
 /// come after the messages published before the request they answer.

@@ -189,9 +189,9 @@ fn shutdown_delivers_acknowledged_publishes() {
     );
 }
 
-/// A node restarted at once on the address of one that just closed its clients must start.
-/// The stopped node closed those connections first, so they linger in TIME_WAIT on its port;
-/// a listening socket without `SO_REUSEADDR` could not bind next to them for a minute.
+/// A node restarted at once on the address of a node that just closed its clients must start.
+/// The stopped node closed those connections first, so they linger in TIME_WAIT on its port,
+/// and a listening socket without `SO_REUSEADDR` could not bind next to them for a minute.
 #[test]
 fn restart_on_same_port_while_connections_linger() {
     let mut node = Node::start_with(&[("--drain-timeout", "3s")]);
@@ -233,8 +233,9 @@ fn time_wait_on_port(port: u16) -> bool {
 
 /// The port of a node that has just exited is free at once, and a new node started on it runs,
 /// every time. The stopped node takes its listeners out of LISTEN before it exits. Otherwise the
-/// kernel can keep them listening for a few milliseconds more while it tears down io_uring (seen
-/// with release builds; the debug build used here exits too slowly to show it).
+/// kernel can keep them listening for a few milliseconds more while it tears down io_uring.
+/// NOTE: that window showed with release builds only. The debug build used here exits too
+/// slowly to show it, so this test may pass without the shutdown of the listeners.
 #[test]
 fn restart_on_same_port_right_after_exit() {
     let mut node = Node::start_with(&[("--cores", "1")]);

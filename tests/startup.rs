@@ -24,13 +24,9 @@ fn no_locked_memory_names_fix() {
 fn taken_address_is_reported() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let output = Command::new(env!("CARGO_BIN_EXE_nexus-node"))
-        .args(["--listen", &addr, "--cores", "1"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let (code, stderr) = run_node_on(&addr);
 
-    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
+    assert_eq!(code, Some(1), "stderr: {stderr}");
     assert!(
         stderr.contains(&format!("cannot listen on {addr}")),
         "stderr: {stderr}"
@@ -56,13 +52,19 @@ fn second_node_on_same_port_fails() {
         .expect("node started names its address")
         .to_owned();
 
+    let (code, stderr) = run_node_on(&addr);
+    assert_eq!(code, Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("another node"), "stderr: {stderr}");
+}
+
+/// Runs a one-core node on `addr` until it exits and returns its exit code and standard error.
+fn run_node_on(addr: &str) -> (Option<i32>, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_nexus-node"))
-        .args(["--listen", &addr, "--cores", "1"])
+        .args(["--listen", addr, "--cores", "1"])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "stderr: {stderr}");
-    assert!(stderr.contains("another node"), "stderr: {stderr}");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    (output.status.code(), stderr)
 }
 
 /// Kills the child process when the test ends, whatever its outcome.
